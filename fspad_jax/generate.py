@@ -1,0 +1,169 @@
+"""Vanilla (target-only) generation: the baseline that speculative decoding must equal.
+
+Prompts come right-padded with per-row lengths. One jitted call prefills and then runs
+the whole decode loop on device (`lax.while_loop`), with no host round-trip per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from fspad_jax.config import ModelConfig
+from fspad_jax.model import KVCache, Transformer
+from fspad_jax.sampling import SamplingParams, sample_tokens
+from fspad_jax.sharding import (LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated,
+                                to_host)
+
+Array = jax.Array
+
+FINISH_LENGTH, FINISH_STOP = 0, 1  # finish_reason codes
+FINISH_REASONS = {FINISH_LENGTH: "length", FINISH_STOP: "stop"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+  """Static settings of one compiled generation function."""
+
+  max_new_tokens: int = 64
+  sampling: SamplingParams = SamplingParams()
+  stop_token_ids: tuple[int, ...] = ()
+  cache_len: int = 512
+
+
+class GenerateOutput(NamedTuple):
+  tokens: Array  # [batch, max_new_tokens] int32; entries past num_tokens are padding (-1)
+  num_tokens: Array  # [batch] int32, including the stop token when one was generated
+  finish_reason: Array  # [batch] int32, FINISH_LENGTH or FINISH_STOP
+
+
+def prefill(model: Transformer, prompt: Array, prompt_lengths: Array, cache: KVCache
+            ) -> tuple[Array, Array, KVCache]:
+  """Runs right-padded prompts [batch, seq] through the target from an empty cache.
+
+  Returns (features [batch, seq, embed], last-token logits [batch, vocab], cache with
+  lengths = prompt_lengths). Padding positions write K/V past each row's length, where the
+  next tokens overwrite them; they are never attended to."""
+  batch, seq = prompt.shape
+  positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  feats, cache = model.features(prompt, positions, cache)
+  last = jnp.take_along_axis(feats, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  return feats, model.logits(last), cache.replace(lengths=prompt_lengths.astype(jnp.int32))
+
+
+def is_stop(tokens: Array, stop_token_ids: tuple[int, ...]) -> Array:
+  if not stop_token_ids:
+    return jnp.zeros(tokens.shape, bool)
+  return jnp.isin(tokens, jnp.asarray(stop_token_ids, jnp.int32))
+
+
+def constrain_cache(cache: KVCache, mesh, rules: ShardingRules) -> KVCache:
+  """Pins the cache's sharding inside jit (batch over data/fsdp, kv heads over tensor)."""
+  if mesh is None:
+    return cache
+  s = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], cache.k[0].shape)
+  c = lambda x: jax.lax.with_sharding_constraint(x, s)
+  return cache.replace(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)))
+
+
+def generate(model: Transformer, prompt: Array, prompt_lengths: Array, rng: Array,
+             options: GenerateOptions, mesh=None, rules: ShardingRules | None = None
+             ) -> GenerateOutput:
+  """Prefill, then decode until every row hit a stop token or max_new_tokens (traceable)."""
+  batch = prompt.shape[0]
+  max_new = options.max_new_tokens
+  cache = KVCache.create(model.cfg, batch, options.cache_len)
+  cache = constrain_cache(cache, mesh, rules or ShardingRules())
+  _, logits, cache = prefill(model, prompt, prompt_lengths, cache)
+  rng, sub = jax.random.split(rng)
+  first = sample_tokens(sub, logits, options.sampling)  # [batch]
+  tokens = jnp.full((batch, max_new), -1, jnp.int32).at[:, 0].set(first)
+  done = is_stop(first, options.stop_token_ids) | (max_new <= 1)
+  num = jnp.ones((batch,), jnp.int32)
+
+  def cond(state):
+    step, _, _, _, done, _, _ = state
+    return (step < max_new) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, cache, last, done, num, rng = state
+    positions = cache.lengths[:, None]
+    logits, _, cache = model(last[:, None], positions, cache)
+    cache = cache.replace(lengths=cache.lengths + (~done).astype(jnp.int32))
+    rng, sub = jax.random.split(rng)
+    nxt = sample_tokens(sub, logits[:, 0], options.sampling)
+    nxt = jnp.where(done, -1, nxt)
+    tokens = tokens.at[:, step].set(nxt)
+    num = num + (~done).astype(jnp.int32)
+    done = done | is_stop(nxt, options.stop_token_ids) | (num >= max_new)
+    return step + 1, tokens, cache, jnp.maximum(nxt, 0), done, num, rng
+
+  state = (jnp.int32(1), tokens, cache, first, done, num, rng)
+  _, tokens, _, _, _, num, _ = jax.lax.while_loop(cond, body, state)
+  last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
+  reason = jnp.where(is_stop(last_tok, options.stop_token_ids), FINISH_STOP, FINISH_LENGTH)
+  return GenerateOutput(tokens, num, reason.astype(jnp.int32))
+
+
+class VanillaGenerator:
+  """Compiled vanilla generation for one (graphdef, params, mesh); reusable across calls.
+
+  >>> gen = VanillaGenerator(graphdef, params, mesh)
+  >>> out = gen(prompt_np, lengths_np, GenerateOptions(max_new_tokens=32), seed=0)
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, mesh,
+               rules: ShardingRules | None = None):
+    self.graphdef, self.params, self.mesh = graphdef, params, mesh
+    self.rules = rules or ShardingRules()
+    self._compiled = {}
+
+  def input_shardings(self, batch: int) -> tuple[NamedSharding, NamedSharding]:
+    """(prompt [batch, seq], lengths [batch]) shardings: batch over the data axes."""
+    return (self.rules.sharding(self.mesh, LOGICAL_LAYOUTS["act_tokens"], (batch, 1)),
+            self.rules.sharding(self.mesh, LOGICAL_LAYOUTS["batch_vector"], (batch,)))
+
+  def _fn(self, options: GenerateOptions, batch: int):
+    key = (options, batch)
+    if key not in self._compiled:
+      mesh, rules, graphdef = self.mesh, self.rules, self.graphdef
+      param_sh = jax.tree.map(lambda x: x.sharding, self.params)
+      tok_sh, vec_sh = self.input_shardings(batch)
+      rep = replicated(mesh)
+
+      def run(params, prompt, lengths, rng_data):
+        model = nnx.merge(graphdef, params)
+        rng = jax.random.wrap_key_data(rng_data)
+        return generate(model, prompt, lengths, rng, options, mesh, rules)
+
+      self._compiled[key] = jax.jit(
+          run, in_shardings=(param_sh, tok_sh, vec_sh, rep),
+          out_shardings=GenerateOutput(rep, rep, rep))
+    return self._compiled[key]
+
+  def __call__(self, prompt: np.ndarray, lengths: np.ndarray, options: GenerateOptions,
+               seed: int = 0) -> GenerateOutput:
+    """prompt [batch, seq] right-padded int32, lengths [batch]. Returns numpy outputs."""
+    prompt = np.asarray(prompt, np.int32)
+    lengths = np.asarray(lengths, np.int32)
+    if lengths.min() < 1:
+      raise ValueError("every prompt needs at least one token")
+    need = int(lengths.max()) + options.max_new_tokens
+    if need > options.cache_len or prompt.shape[1] > options.cache_len:
+      raise ValueError(
+          f"cache_len={options.cache_len} is too small for prompts of {int(lengths.max())} "
+          f"tokens plus max_new_tokens={options.max_new_tokens} (needs {need})")
+    batch = prompt.shape[0]
+    fn = self._fn(options, batch)
+    tok_sh, vec_sh = self.input_shardings(batch)
+    rng = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    out = fn(self.params, host_to_global(prompt, tok_sh), host_to_global(lengths, vec_sh),
+             host_to_global(rng, replicated(self.mesh)))
+    return GenerateOutput(*(to_host(x) for x in out))
