@@ -163,13 +163,14 @@ def load_params(model_dir: str, cfg: ModelConfig, mesh, rules: ShardingRules
   loaded = []
   for path, var in flat_abstract.items():
     mapping = mappings[path]
-    views = [index.view(n) for n in mapping.hf_names]
-    ours = mapping.to_ours(views)
-    if tuple(ours.shape) != tuple(var.shape):
-      hf_shapes = ", ".join(f"{n} {index.shape(n)}" for n in mapping.hf_names)
-      raise CheckpointError(
-          f"{model_dir}: shape mismatch for {hf_shapes}: config.json implies "
-          f"{tuple(var.shape)} in fspad_jax's layout, the file gives {tuple(ours.shape)}")
+    expected = jax.eval_shape(lambda x: tuple(mapping.to_hf(x)),
+                              jax.ShapeDtypeStruct(var.shape, jnp.float32))
+    for name, want in zip(mapping.hf_names, expected):
+      if index.shape(name) != tuple(want.shape):
+        raise CheckpointError(
+            f"{model_dir}: shape mismatch for {name} {index.shape(name)}: config.json "
+            f"implies {tuple(want.shape)}")
+    ours = mapping.to_ours([index.view(n) for n in mapping.hf_names])
     sharding = flat_shardings[path].get_value()
     array = jax.make_array_from_callback(
         tuple(var.shape), sharding,

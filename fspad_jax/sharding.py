@@ -31,11 +31,14 @@ LOGICAL_LAYOUTS: dict[str, tuple[str | None, ...]] = {
     "gate_up_kernel": ("embed", None, "mlp"),
     "down_kernel": ("mlp", "embed"),
     "act_tokens": ("batch", "seq"),
+    "block_mask": ("batch", "seq", None),
     "act_hidden": ("batch", "seq", "act_embed"),
     "act_logits": ("batch", "seq", "act_vocab"),
     "act_heads": ("batch", "seq", "act_heads", "head_dim"),
     "kv_cache": ("batch", "cache_seq", "act_kv_heads", "head_dim"),
     "batch_vector": ("batch",),
+    # Draft heads (fspad_jax/draft.py): EAGLE's fc on [embedding; feature], stacked [2, d, d].
+    "draft_fc_kernel": (None, "embed", None),
 }
 
 
@@ -110,8 +113,10 @@ class ShardingRules:
 
 def make_mesh(shape: Sequence[int] = (1, 1, 1), devices: Iterable | None = None
               ) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all devices (or `devices`), with Explicit-free axis
-  types spelled out: the model code shards through jit in/out shardings (Auto axes)."""
+  """A (data, fsdp, tensor) mesh over all devices (or `devices`); one entry may be -1.
+
+  Axis types are spelled out as Auto: the model code places arrays through jit in/out
+  shardings and sharding constraints rather than explicit-sharding types."""
   shape = tuple(int(s) for s in shape)
   if len(shape) != 3:
     raise ShardingError(f"mesh shape {shape} must have 3 entries: (data, fsdp, tensor)")

@@ -1,0 +1,94 @@
+"""Sharded execution equals one device: simulated CPU meshes and 2 local processes."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fspad_jax.sharding import ShardingError, ShardingRules, make_mesh
+from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, tiny_config
+from sharding_case import run_case
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  # 8 heads / 8 KV heads / d_ff 128 / vocab 512: every tensor axis divides 8 ways.
+  cfg = tiny_config(hidden_size=64, num_heads=8, num_kv_heads=8, intermediate_size=128)
+  return make_tiny_checkpoint(str(tmp_path_factory.mktemp("shard")), cfg, seed=3)
+
+
+@pytest.fixture(scope="module")
+def single_device(model_dir):
+  return run_case(model_dir, (1, 1, 1), devices=jax.devices()[:1])
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE, env.get("PYTHONPATH", "")])
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _check(results, single_device):
+  ref_logits, ref_tokens = single_device
+  for m in MESHES:
+    np.testing.assert_allclose(results[f"logits_{m}"], ref_logits, atol=1e-5, err_msg=m)
+    np.testing.assert_array_equal(results[f"tokens_{m}"], ref_tokens, err_msg=m)
+
+
+def test_eight_simulated_devices_match_one(model_dir, single_device, tmp_path):
+  out = tmp_path / "r.npz"
+  subprocess.run([sys.executable, os.path.join(HERE, "sharded_runner.py"),
+                  "--model_dir", model_dir, "--out", str(out), "--devices", "8",
+                  "--meshes", *MESHES], check=True, env=_env(), timeout=600)
+  _check(np.load(out), single_device)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(model_dir, single_device, tmp_path):
+  out = tmp_path / "mp.npz"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(HERE, "sharded_runner.py"), "--model_dir", model_dir,
+       "--out", str(out), "--devices", "4", "--num_processes", "2", "--process_id", str(i),
+       "--coordinator", f"localhost:{port}", "--meshes", *MESHES],
+      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+    assert "devices 8 processes 2 ok" in log, log[-3000:]
+  _check(np.load(out), single_device)
+
+
+def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
+  with pytest.raises(ShardingError, match="'embed' and 'mlp' of gate_up_kernel"):
+    ShardingRules(mlp=("fsdp",))
+  with pytest.raises(ShardingError, match="'batch' and 'act_embed'"):
+    ShardingRules(act_embed=("data",))
+  with pytest.raises(ShardingError, match="unknown mesh axis 'model'"):
+    ShardingRules(heads=("model",))
+
+
+def test_mesh_shape_errors():
+  with pytest.raises(ShardingError, match=r"needs 8 devices, but 1 are available"):
+    make_mesh((2, 2, 2), devices=jax.devices()[:1])
+
+
+def test_indivisible_dimension_is_replicated():
+  rules = ShardingRules()
+  mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  assert rules.spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh) == \
+      jax.sharding.PartitionSpec(None, None, None)
