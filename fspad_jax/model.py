@@ -101,26 +101,30 @@ class AttentionInputs(NamedTuple):
   cos: Array  # [batch, seq, head_dim]
   sin: Array  # [batch, seq, head_dim]
   mask: Array  # [batch, seq, max_len + seq] bool: cached prefix slots, then the block
-  write_slots: Array  # [batch, seq] int32
+  #              ([batch, seq, seq] when running without a cache)
+  write_slots: Array | None  # [batch, seq] int32; None without a cache
 
 
-def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Array,
+def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Array | None,
                           max_len: int, block_mask: Array | None,
                           write_slots: Array | None) -> AttentionInputs:
+  """cache_lengths None means no KV cache: the block attends only to itself (training)."""
   batch, seq = positions.shape
   if block_mask is None:
     block_mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
+  if cfg.sliding_window is not None:
+    block_mask &= positions[:, :, None] - positions[:, None, :] < cfg.sliding_window
+  cos, sin = rope_tables(cfg, positions)
+  if cache_lengths is None:
+    return AttentionInputs(cos, sin, block_mask, None)
   slots = jnp.arange(max_len)
   prefix_mask = slots[None, None, :] < cache_lengths[:, None, None]  # [batch, 1, max_len]
   prefix_mask = jnp.broadcast_to(prefix_mask, (batch, seq, max_len))
   if cfg.sliding_window is not None:
-    w = cfg.sliding_window
-    prefix_mask &= positions[:, :, None] - slots[None, None, :] < w
-    block_mask &= positions[:, :, None] - positions[:, None, :] < w
+    prefix_mask &= positions[:, :, None] - slots[None, None, :] < cfg.sliding_window
   mask = jnp.concatenate([prefix_mask, block_mask], axis=-1)
   if write_slots is None:
     write_slots = cache_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None]
-  cos, sin = rope_tables(cfg, positions)
   return AttentionInputs(cos, sin, mask, write_slots.astype(jnp.int32))
 
 
@@ -151,8 +155,11 @@ class Attention(nnx.Module):
     k = apply_rope(k, att.cos, att.sin)
 
     # Attend over [cached prefix slots ; this block], then write the block into the cache.
-    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)  # [b, max_len+s, kvh, hd]
-    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
+    if cache_k is None:
+      keys, values = k, v  # [batch, seq, kv_heads, head_dim]
+    else:
+      keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)  # [b, max_len+s, ...]
+      values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
     batch, seq = x.shape[:2]
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
@@ -166,6 +173,8 @@ class Attention(nnx.Module):
     if cfg.o_bias:
       out = out + self.o_bias[...]
 
+    if cache_k is None:
+      return out, None, None
     rows = jnp.arange(batch)[:, None]
     # Out-of-range slots are dropped, never written out of bounds.
     cache_k = cache_k.at[rows, att.write_slots].set(k.astype(cache_k.dtype), mode="drop")
@@ -220,25 +229,33 @@ class Transformer(nnx.Module):
     return jnp.einsum("...d,dv->...v", features, self.lm_head[...],
                       preferred_element_type=jnp.float32)
 
-  def features(self, tokens: Array, positions: Array, cache: KVCache,
+  def features(self, tokens: Array, positions: Array, cache: KVCache | None,
                block_mask: Array | None = None, write_slots: Array | None = None
-               ) -> tuple[Array, KVCache]:
+               ) -> tuple[Array, KVCache | None]:
     """Runs a block of new tokens. Returns (features [batch, seq, embed], cache).
 
     tokens, positions: [batch, seq] int32 (positions drive RoPE; for a tree, prefix
     length + depth). block_mask: [batch, seq, seq] bool among the block (default causal).
     write_slots: [batch, seq] cache slots for the block's K/V (default: right after the
     committed prefix). The returned cache keeps `lengths`: callers commit explicitly.
+    With cache=None the block attends only to itself and no cache is kept (training).
     """
-    att = make_attention_inputs(self.cfg, positions, cache.lengths, cache.max_len,
-                                block_mask, write_slots)
+    if cache is None:
+      att = make_attention_inputs(self.cfg, positions, None, 0, block_mask, None)
+      caches = [(None, None)] * self.cfg.num_layers
+    else:
+      att = make_attention_inputs(self.cfg, positions, cache.lengths, cache.max_len,
+                                  block_mask, write_slots)
+      caches = list(zip(cache.k, cache.v))
     x = self.embed(tokens)
     new_k, new_v = [], []
-    for layer, ck, cv in zip(self.layers, cache.k, cache.v):
+    for layer, (ck, cv) in zip(self.layers, caches):
       x, ck, cv = layer(x, ck, cv, att)
       new_k.append(ck)
       new_v.append(cv)
     x = self.final_norm(x)
+    if cache is None:
+      return x, None
     return x, cache.replace(k=tuple(new_k), v=tuple(new_v))
 
   def __call__(self, tokens, positions, cache, block_mask=None, write_slots=None):

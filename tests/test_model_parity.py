@@ -166,3 +166,15 @@ def test_bf16_path_runs_and_tracks_float32(tmp_path, mesh):
     out[dtype] = np.asarray(logits, np.float32)
   assert np.isfinite(out["bfloat16"]).all()
   assert np.abs(out["bfloat16"] - out["float32"]).max() < 0.1
+
+
+def test_cacheless_forward_equals_cached(family, mesh):
+  """Training runs the target without a KV cache; it must compute the same thing."""
+  _, _, path = family
+  cfg, graphdef, params = load_target(path, mesh)
+  model = nnx.merge(graphdef, params)
+  tokens = jnp.asarray(np.random.RandomState(7).randint(0, VOCAB, (2, 9)))
+  cached, _, _ = model(tokens, _positions(2, 9), KVCache.create(cfg, 2, 16))
+  plain, _, none_cache = model(tokens, _positions(2, 9), None)
+  assert none_cache is None
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(cached), atol=1e-5)
