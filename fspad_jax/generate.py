@@ -37,6 +37,12 @@ class GenerateOptions:
   stop_token_ids: tuple[int, ...] = ()
   cache_len: int = 512
 
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.cache_len < 1:
+      raise ValueError(f"cache_len must be >= 1, got {self.cache_len}")
+
 
 class GenerateOutput(NamedTuple):
   tokens: Array  # [batch, max_new_tokens] int32; entries past num_tokens are padding (-1)

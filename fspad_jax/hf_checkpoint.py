@@ -238,7 +238,6 @@ def save_target(model_dir: str, cfg: ModelConfig, params: nnx.State,
 
 def load_tokenizer(model_dir: str):
   """The tokenizer (and chat template) saved beside the weights, without network access."""
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

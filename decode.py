@@ -1,0 +1,38 @@
+"""Batch decoding job: JSONL prompts in, JSONL completions out; rerun to resume.
+
+  python decode.py --config=configs/tiny.py --config.target.path=DIR \
+    --input=prompts.jsonl --output=out.jsonl [--strict] [--seed=0]
+
+Any config key can be overridden, e.g. --config.decode.max_new_tokens=256. The logic lives
+in fspad_jax/decode_lib.py (run_decode).
+"""
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fspad_jax import decode_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
+_INPUT = flags.DEFINE_string("input", None, "Input JSONL: id + prompt|messages|turns|input_ids.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output JSONL (appended; ids in it are skipped).")
+_STRICT = flags.DEFINE_bool("strict", False, "Abort on the first malformed input line.")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (overrides decode.seed).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    summary = decode_lib.run_decode(_CONFIG.value, _INPUT.value, _OUTPUT.value,
+                                    strict=_STRICT.value, seed=_SEED.value)
+  except decode_lib.USER_ERRORS as e:
+    sys.exit(f"decode.py: error: {e}")
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "input", "output"])
+  app.run(main)

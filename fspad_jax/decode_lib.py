@@ -1,0 +1,690 @@
+"""Batch decoding jobs: JSONL prompts in, JSONL completions out, resumable.
+
+The library behind `decode.py`, usable from a notebook:
+
+  >>> config = get_config()  # e.g. configs/tiny.py, with config.target.path set
+  >>> engine = DecodeEngine(config)  # loads the target once, keeps compiled functions
+  >>> summary = run_decode(config, "prompts.jsonl", "out.jsonl", engine=engine)
+  >>> engine.generate([[0, 17, 42], [0, 5]])  # or decode token ids directly
+
+Each input line holds an `id` and exactly one of `prompt` (raw text), `messages` (a chat),
+`turns` (user messages answered in sequence, MT-bench style) or `input_ids`. Prompts are
+decoded in batches of a static shape: `decode.batch_size` rows (a short batch is filled with
+copies of its first row, discarded), right-padded to a bucketed length, so that one compiled
+function serves every batch of a length bucket. Each output line is written whole, then
+flushed and fsync'ed; a rerun skips the ids already written and drops a partial last line.
+
+Decoding methods are looked up in `METHODS` by `decode.method` (only "vanilla" for now).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fspad_jax.config import ConfigError
+from fspad_jax.generate import (FINISH_REASONS, GenerateOptions, GenerateOutput,
+                                VanillaGenerator)
+from fspad_jax.hf_checkpoint import CheckpointError, load_target, load_tokenizer
+from fspad_jax.sampling import SamplingParams
+from fspad_jax.sharding import ShardingError, ShardingRules, make_mesh
+
+PROMPT_KEYS = ("prompt", "messages", "turns", "input_ids")
+DTYPES = ("float32", "bfloat16", "float16")
+MIN_BUCKET = 64  # smallest padded prompt length
+CACHE_ROUND = 64  # derived cache lengths are multiples of this
+MAX_REPORTED_PROBLEMS = 100  # malformed lines listed in the summary (all are counted)
+
+
+class DecodeError(ValueError):
+  """A user error (config, input file, output file), as one line naming the culprit."""
+
+
+# Errors that decode.py reports as one line instead of a traceback.
+USER_ERRORS = (DecodeError, ConfigError, CheckpointError, ShardingError, FileNotFoundError)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """The validated `decode` section of a config."""
+
+  method: str
+  sampling: SamplingParams
+  max_new_tokens: int
+  batch_size: int
+  cache_len: int  # 0: derived per batch from the padded prompt length
+  stop_token_ids: tuple[int, ...]  # extra stop ids, on top of the checkpoint's eos ids
+  seed: int
+
+
+_REQUIRED = object()
+
+
+def _get(config, key: str, default=_REQUIRED):
+  """config['a.b'] (or `default` when absent) with an error that names a missing key."""
+  node = config
+  for part in key.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      if default is _REQUIRED:
+        raise DecodeError(f"config key {key} is missing") from None
+      return default
+  return node
+
+
+def _int(config, key: str, minimum: int, default=_REQUIRED) -> int:
+  value = _get(config, key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise DecodeError(f"config key {key}={value!r}: expected an integer >= {minimum}")
+  return int(value)
+
+
+def _float(config, key: str, default=_REQUIRED) -> float:
+  value = _get(config, key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise DecodeError(f"config key {key}={value!r}: expected a number")
+  return float(value)
+
+
+def decode_settings(config) -> DecodeSettings:
+  """Validates config.decode; errors name the key. Optional keys: top_p (1.0), top_k (0),
+  cache_len (0), stop_token_ids (()), seed (0)."""
+  method = _get(config, "decode.method")
+  if method not in METHODS:
+    raise DecodeError(f"config key decode.method={method!r} is not supported "
+                      f"(supported: {', '.join(sorted(METHODS))})")
+  temperature = _float(config, "decode.temperature")
+  top_p = _float(config, "decode.top_p", 1.0)
+  top_k = _int(config, "decode.top_k", 0, 0)
+  try:
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+  except ValueError as e:
+    raise DecodeError(f"config keys decode.temperature/top_p/top_k: {e}") from None
+  max_new = _int(config, "decode.max_new_tokens", 1)
+  cache_len = _int(config, "decode.cache_len", 0, 0)
+  if cache_len and cache_len <= max_new:
+    raise DecodeError(f"config key decode.cache_len={cache_len} leaves no room for a prompt "
+                      f"with decode.max_new_tokens={max_new} (use 0 to derive it)")
+  stops = _get(config, "decode.stop_token_ids", ())
+  if isinstance(stops, (int, np.integer)) and not isinstance(stops, bool):
+    stops = (stops,)
+  if (not isinstance(stops, Sequence) or isinstance(stops, str)
+      or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+             for s in stops)):
+    raise DecodeError(f"config key decode.stop_token_ids={stops!r}: expected a list of "
+                      f"non-negative token ids")
+  return DecodeSettings(
+      method=method, sampling=sampling, max_new_tokens=max_new,
+      batch_size=_int(config, "decode.batch_size", 1), cache_len=cache_len,
+      stop_token_ids=tuple(int(s) for s in stops), seed=_int(config, "decode.seed", 0, 0))
+
+
+def resolve_target_path(path: str) -> str:
+  """target.path as a local directory: a directory, or a repo id in the local HF cache."""
+  if not path:
+    raise DecodeError("config key target.path is not set (pass --config.target.path=DIR)")
+  if os.path.isdir(path):
+    return path
+  if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+    try:
+      from huggingface_hub import snapshot_download
+      return snapshot_download(repo_id=path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+      pass
+  raise DecodeError(f"config key target.path={path!r}: no such directory (nor a model in "
+                    f"the local Hugging Face cache)")
+
+
+def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
+  """Smallest length >= n of the form 2^k or 3 * 2^k (at least `minimum`): few shapes,
+  at most 1/3 of a padded prompt wasted."""
+  n = max(int(n), minimum)
+  b = 1
+  while b < n:
+    if b >= 2 and b * 3 // 2 >= n:
+      return b * 3 // 2
+    b *= 2
+  return b
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+# --------------------------------------------------------------------------- methods
+
+
+# (engine, graphdef, params) -> fn(prompt [batch, seq], lengths [batch], options, seed)
+#   -> GenerateOutput (numpy). Speculative methods register here, reading their extra
+# config sections (e.g. `draft`) from engine.config.
+MethodBuilder = Callable[..., Callable[[np.ndarray, np.ndarray, GenerateOptions, int],
+                                       GenerateOutput]]
+
+
+def _build_vanilla(engine: "DecodeEngine", graphdef, params):
+  return VanillaGenerator(graphdef, params, engine.mesh, engine.rules)
+
+
+METHODS: dict[str, MethodBuilder] = {"vanilla": _build_vanilla}
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclasses.dataclass
+class Completion:
+  """One decoded prompt."""
+
+  output_ids: list[int]  # generated tokens, including the stop token when one was generated
+  finish_reason: str  # "stop" | "length"
+  prompt_tokens: int
+  decode_time_s: float  # wall time of the batch call that decoded it (shared by its rows)
+
+  @property
+  def new_tokens(self) -> int:
+    return len(self.output_ids)
+
+
+def default_stop_token_ids(model_dir: str, eos_ids: Sequence[int], tokenizer) -> set[int]:
+  """eos ids from config.json, generation_config.json (if present) and the tokenizer."""
+  ids = set(int(i) for i in eos_ids)
+  path = os.path.join(model_dir, "generation_config.json")
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise DecodeError(f"{path}: not a JSON object ({e})") from None
+    ids.update(int(i) for i in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+  if tokenizer is not None and tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return ids
+
+
+class DecodeEngine:
+  """A loaded target + tokenizer + compiled decoding method; decodes token-id prompts.
+
+  Built from a config with `target`, `mesh` and `decode` sections. Reuse one engine across
+  `run_decode` calls to keep the weights and the compiled functions."""
+
+  def __init__(self, config):
+    self.config = config
+    self.settings = decode_settings(config)
+    self.model_dir = resolve_target_path(_get(config, "target.path"))
+    dtype = _get(config, "target.dtype")
+    if dtype not in DTYPES:
+      raise DecodeError(f"config key target.dtype={dtype!r}: expected one of {DTYPES}")
+    shape = _get(config, "mesh.shape", (1, 1, -1))
+    try:
+      self.mesh = make_mesh(tuple(shape))
+    except (ShardingError, TypeError, ValueError) as e:
+      raise DecodeError(f"config key mesh.shape={shape!r}: {e}") from None
+    self.rules = ShardingRules()
+    self.cfg, graphdef, params = load_target(self.model_dir, self.mesh, self.rules, dtype)
+    try:
+      self.tokenizer = load_tokenizer(self.model_dir)
+      self.tokenizer_error = None
+    except CheckpointError as e:  # token-id inputs still work
+      self.tokenizer, self.tokenizer_error = None, str(e)
+    vocab = self.cfg.vocab_size
+    bad = [i for i in self.settings.stop_token_ids if i >= vocab]
+    if bad:
+      raise DecodeError(f"config key decode.stop_token_ids: {bad} out of the target's "
+                        f"vocabulary (size {vocab})")
+    stops = default_stop_token_ids(self.model_dir, self.cfg.eos_token_ids, self.tokenizer)
+    self.stop_token_ids = tuple(sorted(stops | set(self.settings.stop_token_ids)))
+    s = self.settings
+    limit = s.cache_len or self.cfg.max_position_embeddings
+    self.max_prompt_len = limit - s.max_new_tokens  # longest prompt that fits
+    if self.max_prompt_len < 1:
+      raise DecodeError(
+          f"config key decode.max_new_tokens={s.max_new_tokens} leaves no room for a prompt "
+          + (f"in decode.cache_len={s.cache_len}" if s.cache_len else
+             f"within the target's max_position_embeddings={limit}"))
+    self._generate = METHODS[s.method](self, graphdef, params)
+    self.compiled_shapes: set[tuple[int, int]] = set()  # (padded prompt len, cache len)
+    self.last_call_compiled = False  # whether the last batch paid for a compilation
+
+  # ---- tokenization
+
+  def _need_tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError(f"the target has no tokenizer ({self.tokenizer_error})")
+
+  def encode_text(self, text: str) -> list[int]:
+    """Raw text -> ids, special tokens (BOS) as the tokenizer adds them by default."""
+    self._need_tokenizer()
+    return list(self.tokenizer(text)["input_ids"])
+
+  def encode_chat(self, messages: list[dict]) -> list[int]:
+    """A chat -> ids of its rendering with the chat template and the generation prompt."""
+    self._need_tokenizer()
+    if not getattr(self.tokenizer, "chat_template", None):
+      raise ValueError("the target's tokenizer has no chat template")
+    try:
+      text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=False)
+    except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are input errors
+      raise ValueError(f"chat template failed: {e}") from None
+    # The rendered text already holds the template's special tokens (BOS included).
+    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+  def decode_text(self, ids: Sequence[int]) -> str | None:
+    if self.tokenizer is None:
+      return None
+    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+  # ---- generation
+
+  def batch_shape(self, max_prompt_len: int) -> tuple[int, int]:
+    """(padded prompt length, cache length) for a batch whose longest prompt is given."""
+    s = self.settings
+    padded = bucket_length(max_prompt_len)
+    if s.cache_len:
+      return min(padded, s.cache_len - s.max_new_tokens), s.cache_len
+    return padded, _round_up(padded + s.max_new_tokens, CACHE_ROUND)
+
+  def generate_batch(self, prompts: Sequence[Sequence[int]], seed: int = 0
+                     ) -> list[Completion]:
+    """Decodes up to batch_size prompts in one static-shape call."""
+    s = self.settings
+    n = len(prompts)
+    if not 1 <= n <= s.batch_size:
+      raise ValueError(f"generate_batch takes 1..{s.batch_size} prompts, got {n}")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) < 1 or max(lengths) > self.max_prompt_len:
+      raise ValueError(f"prompt lengths must be in 1..{self.max_prompt_len}, got {lengths}")
+    padded, cache_len = self.batch_shape(max(lengths))
+    # Filler rows repeat row 0, so (greedy) they finish with it and never prolong the loop.
+    rows = list(prompts) + [prompts[0]] * (s.batch_size - n)
+    prompt = np.zeros((s.batch_size, padded), np.int32)  # [batch, padded], right-padded
+    for i, p in enumerate(rows):
+      prompt[i, :len(p)] = p
+    row_lengths = np.asarray([len(p) for p in rows], np.int32)  # [batch]
+    options = GenerateOptions(max_new_tokens=s.max_new_tokens, sampling=s.sampling,
+                              stop_token_ids=self.stop_token_ids, cache_len=cache_len)
+    self.last_call_compiled = (padded, cache_len) not in self.compiled_shapes
+    self.compiled_shapes.add((padded, cache_len))
+    t0 = time.perf_counter()
+    out = self._generate(prompt, row_lengths, options, seed)
+    tokens, num, reason = (np.asarray(x) for x in out[:3])  # host arrays: call is done
+    dt = time.perf_counter() - t0
+    return [Completion(output_ids=[int(t) for t in tokens[i, :num[i]]],
+                       finish_reason=FINISH_REASONS[int(reason[i])],
+                       prompt_tokens=lengths[i], decode_time_s=dt) for i in range(n)]
+
+  def generate(self, prompts: Sequence[Sequence[int]], seed: int = 0) -> list[Completion]:
+    """Decodes any number of prompts, batch_size at a time."""
+    b = self.settings.batch_size
+    out = []
+    for i in range(0, len(prompts), b):
+      out += self.generate_batch(prompts[i:i + b], seed=batch_seed(seed, i // b))
+    return out
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+  """An independent non-negative int32 seed per (run seed, batch)."""
+  return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0] >> 1)
+
+
+# --------------------------------------------------------------------------- input
+
+
+@dataclasses.dataclass
+class Record:
+  """One valid input line."""
+
+  id: Any  # str or int, as given
+  line: int  # 1-based line number in the input file
+  kind: str  # one of PROMPT_KEYS
+  input_ids: list[int]  # the (first) prompt, tokenized
+  turns: list[str] = dataclasses.field(default_factory=list)  # user messages (kind turns)
+
+
+@dataclasses.dataclass
+class Problem:
+  """An input line that was not decoded."""
+
+  line: int
+  reason: str
+
+  def where(self, path: str) -> str:
+    return f"{path}:{self.line}: {self.reason}"
+
+
+def id_key(record_id) -> str:
+  """Identity of an id across input and output files (1 and "1" differ)."""
+  return json.dumps(record_id)
+
+
+def _check_id(obj) -> Any:
+  if "id" not in obj:
+    raise ValueError("missing 'id'")
+  rid = obj["id"]
+  if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+    raise ValueError(f"'id' must be a non-empty string or an integer, got {rid!r}")
+  return rid
+
+
+def _is_str_list(x) -> bool:
+  return isinstance(x, list) and len(x) > 0 and all(isinstance(s, str) for s in x)
+
+
+def parse_record(text: str, line: int, engine: DecodeEngine) -> Record:
+  """One input line -> Record; ValueError with the reason when it is malformed."""
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"invalid JSON ({e})") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+  rid = _check_id(obj)
+  kinds = [k for k in PROMPT_KEYS if k in obj]
+  if len(kinds) != 1:
+    raise ValueError(f"needs exactly one of {', '.join(PROMPT_KEYS)}; got "
+                     f"{', '.join(kinds) if kinds else 'none'}")
+  kind, value = kinds[0], obj[kinds[0]]
+  turns = []
+  if kind == "prompt":
+    if not isinstance(value, str):
+      raise ValueError(f"'prompt' must be a string, got {type(value).__name__}")
+    if not value:
+      raise ValueError("empty prompt")
+    ids = engine.encode_text(value)
+  elif kind == "messages":
+    if not isinstance(value, list) or not value:
+      raise ValueError("'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(value):
+      if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+          or not isinstance(m.get("content"), str)):
+        raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+    ids = engine.encode_chat(value)
+  elif kind == "turns":
+    if not _is_str_list(value):
+      raise ValueError("'turns' must be a non-empty list of strings")
+    if not all(value):
+      raise ValueError("'turns' holds an empty string")
+    turns = list(value)
+    ids = engine.encode_chat([{"role": "user", "content": turns[0]}])
+  else:
+    if (not isinstance(value, list)
+        or any(isinstance(t, bool) or not isinstance(t, int) for t in value)):
+      raise ValueError("'input_ids' must be a list of integers")
+    ids = list(value)
+  if not ids:
+    raise ValueError("empty prompt (no tokens)")
+  vocab = engine.cfg.vocab_size
+  bad = [t for t in ids if not 0 <= t < vocab]
+  if bad:
+    raise ValueError(f"token id {bad[0]} out of the target's vocabulary (size {vocab})")
+  if len(ids) > engine.max_prompt_len:
+    raise ValueError(_too_long(len(ids), engine))
+  return Record(id=rid, line=line, kind=kind, input_ids=ids, turns=turns)
+
+
+def _too_long(n: int, engine: DecodeEngine) -> str:
+  s = engine.settings
+  room = (f"decode.cache_len={s.cache_len}" if s.cache_len else
+          f"max_position_embeddings={engine.cfg.max_position_embeddings}")
+  return (f"prompt of {n} tokens is too long: at most {engine.max_prompt_len} fit "
+          f"({room} minus decode.max_new_tokens={s.max_new_tokens})")
+
+
+def load_records(path: str, engine: DecodeEngine
+                 ) -> tuple[list[Record], list[Problem], int]:
+  """Parses a JSONL input file. Returns (records, problems, blank lines); a duplicate id is
+  a problem on its later line."""
+  records, problems, blank = [], [], 0
+  first_line: dict[str, int] = {}
+  with open(path, encoding="utf-8-sig", errors="replace") as f:
+    for line, text in enumerate(f, 1):
+      if not text.strip():
+        blank += 1
+        continue
+      try:
+        rec = parse_record(text, line, engine)
+      except ValueError as e:
+        problems.append(Problem(line, str(e)))
+        continue
+      key = id_key(rec.id)
+      if key in first_line:
+        problems.append(Problem(line, f"duplicate id {rec.id!r} (first on line "
+                                      f"{first_line[key]})"))
+        continue
+      first_line[key] = line
+      records.append(rec)
+  return records, problems, blank
+
+
+# --------------------------------------------------------------------------- output
+
+
+def scan_output(path: str, truncate: bool = True) -> tuple[set[str], bool]:
+  """Ids (as id_key) already in an output file, and whether a partial last line (left by a
+  killed job) was found; with truncate, that line is cut off so appends stay well-formed."""
+  if not os.path.exists(path):
+    return set(), False
+  with open(path, "rb") as f:
+    data = f.read()
+  end = data.rfind(b"\n") + 1  # bytes up to the last complete line
+  done = set()
+  for i, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+    if not raw.strip():
+      continue
+    try:
+      done.add(id_key(json.loads(raw)["id"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+      raise DecodeError(f"{path}:{i}: corrupt output line (not a JSON record with an 'id'); "
+                        f"fix or remove it before resuming") from None
+  partial = end < len(data)
+  if partial and truncate:
+    os.truncate(path, end)
+  return done, partial
+
+
+class JsonlWriter:
+  """Appends one whole JSON line per record, flushed and fsync'ed."""
+
+  def __init__(self, path: str):
+    self.f = open(path, "a", encoding="utf-8")
+
+  def write(self, obj: dict) -> None:
+    self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    self.f.flush()
+    os.fsync(self.f.fileno())
+
+  def close(self) -> None:
+    self.f.close()
+
+
+def _completion_dict(c: Completion, text: str | None) -> dict:
+  return {"output_ids": c.output_ids, "text": text, "new_tokens": c.new_tokens,
+          "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+          "decode_time_s": round(c.decode_time_s, 6)}
+
+
+# --------------------------------------------------------------------------- job
+
+
+@dataclasses.dataclass
+class _Job:
+  """A record in flight: its current prompt and, for `turns`, the chat so far."""
+
+  record: Record
+  prompt: list[int]
+  results: list[tuple[Completion, str | None]] = dataclasses.field(default_factory=list)
+  messages: list[dict] = dataclasses.field(default_factory=list)
+
+  def output(self) -> dict:
+    rid = self.record.id
+    if self.record.kind != "turns":
+      (c, text), = self.results
+      return {"id": rid, **_completion_dict(c, text)}
+    turns = [_completion_dict(c, t) for c, t in self.results]
+    return {"id": rid, "turns": turns, "new_tokens": sum(t["new_tokens"] for t in turns),
+            "decode_time_s": round(sum(c.decode_time_s for c, _ in self.results), 6)}
+
+
+def _config_dict(config) -> Any:
+  """The config as JSON-able data (ConfigDict or plain nested dicts)."""
+  raw = config.to_dict() if hasattr(config, "to_dict") else config
+  return json.loads(json.dumps(raw, default=str))
+
+
+def _default_log(msg: str) -> None:
+  from tqdm import tqdm
+  tqdm.write(msg, file=sys.stderr)
+
+
+def run_decode(config, input_path: str, output_path: str, *, strict: bool = False,
+               seed: int | None = None, progress: bool = True,
+               engine: DecodeEngine | None = None,
+               log: Callable[[str], None] | None = None) -> dict:
+  """Decodes every input record whose id is not yet in `output_path`; returns the summary
+  (also written to `<output>.summary.json`).
+
+  Malformed lines are reported through `log` with their line number and skipped, or with
+  `strict` abort the job (DecodeError) before anything is decoded. `engine` reuses a
+  DecodeEngine built from this config (then `config` may be None); `seed` overrides
+  decode.seed."""
+  from tqdm import tqdm
+
+  t_start = time.perf_counter()
+  log = log or _default_log
+  settings = engine.settings if engine is not None else decode_settings(config)
+  run_seed = settings.seed if seed is None else int(seed)
+  if not input_path or not os.path.isfile(input_path):
+    raise DecodeError(f"input file {input_path!r} does not exist")
+  if not output_path:
+    raise DecodeError("no output file given")
+  out_dir = os.path.dirname(os.path.abspath(output_path))
+  if not os.path.isdir(out_dir):
+    raise DecodeError(f"output directory {out_dir!r} does not exist")
+  import jax
+  is_writer = jax.process_index() == 0
+  done, partial = scan_output(output_path, truncate=is_writer)
+  if partial:
+    log(f"{output_path}: dropped a partial last line (an interrupted write); its record "
+        f"is decoded again")
+
+  if engine is None:
+    engine = DecodeEngine(config)
+  t_loaded = time.perf_counter()
+  records, problems, blank = load_records(input_path, engine)
+  if problems and strict:
+    raise DecodeError(problems[0].where(input_path) + " (--strict)")
+  for p in problems:
+    log(f"{p.where(input_path)} (skipped)")
+  pending = [r for r in records if id_key(r.id) not in done]
+
+  writer = JsonlWriter(output_path) if is_writer else None
+  queue = collections.deque(_Job(r, r.input_ids) for r in pending)
+  stats = collections.Counter()
+  decode_time = warm_time = 0.0  # seconds in batch calls; those without a compilation
+  bar = tqdm(total=len(pending), unit="rec", disable=not progress, file=sys.stderr,
+             dynamic_ncols=True, desc=f"decode[{settings.method}]")
+  try:
+    while queue:
+      jobs = [queue.popleft() for _ in range(min(settings.batch_size, len(queue)))]
+      completions = engine.generate_batch([j.prompt for j in jobs],
+                                          seed=batch_seed(run_seed, stats["batches"]))
+      stats["batches"] += 1
+      decode_time += completions[0].decode_time_s
+      if not engine.last_call_compiled:
+        warm_time += completions[0].decode_time_s
+        stats["warm_tokens"] += sum(c.new_tokens for c in completions)
+      followups = []
+      for job, c in zip(jobs, completions):
+        text = engine.decode_text(c.output_ids)
+        job.results.append((c, text))
+        stats["new_tokens"] += c.new_tokens
+        stats["prompt_tokens"] += c.prompt_tokens
+        rec = job.record
+        if rec.kind == "turns" and len(job.results) < len(rec.turns):
+          nxt = _next_turn(job, text, engine)
+          if isinstance(nxt, Problem):
+            if strict:
+              raise DecodeError(nxt.where(input_path) + " (--strict)")
+            log(f"{nxt.where(input_path)} (skipped)")
+            problems.append(nxt)
+            stats["failed"] += 1
+            bar.update(1)
+          else:
+            followups.append(job)
+          continue
+        if writer is not None:
+          writer.write(job.output())
+        stats["decoded"] += 1
+        bar.update(1)
+      queue.extendleft(reversed(followups))  # finish multi-turn records first
+      bar.set_postfix_str(f"{stats['new_tokens'] / max(decode_time, 1e-9):.1f} tok/s")
+  finally:
+    bar.close()
+    if writer is not None:
+      writer.close()
+
+  wall = time.perf_counter() - t_start
+  summary = {
+      "method": settings.method,
+      "input": input_path,
+      "output": output_path,
+      "input_lines": len(records) + len(problems) - stats["failed"],
+      "blank_lines": blank,
+      "records": len(records),
+      "decoded": stats["decoded"],
+      "skipped_done": len(records) - len(pending),
+      "malformed": len(problems),
+      "problems": [{"line": p.line, "reason": p.reason}
+                   for p in problems[:MAX_REPORTED_PROBLEMS]],
+      "recovered_partial_line": partial,
+      "new_tokens": stats["new_tokens"],
+      "prompt_tokens": stats["prompt_tokens"],
+      "batches": stats["batches"],
+      "compiled_shapes": len(engine.compiled_shapes),
+      "decode_time_s": round(decode_time, 4),
+      "tokens_per_s": round(stats["new_tokens"] / decode_time, 2) if decode_time else 0.0,
+      "tokens_per_s_excl_compile": (round(stats["warm_tokens"] / warm_time, 2)
+                                    if warm_time else None),
+      "load_time_s": round(t_loaded - t_start, 4),
+      "wall_time_s": round(wall, 4),
+      "seed": run_seed,
+      "strict": strict,
+      "stop_token_ids": list(engine.stop_token_ids),
+      "config": _config_dict(engine.config),
+  }
+  if is_writer:
+    tmp = output_path + ".summary.json.tmp"
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(tmp, output_path + ".summary.json")
+  return summary
+
+
+def _next_turn(job: _Job, answer: str | None, engine: DecodeEngine) -> list[int] | Problem:
+  """Moves a `turns` job to its next user message (answer appended to the chat); returns
+  the new prompt, or a Problem when it does not fit."""
+  rec = job.record
+  k = len(job.results)  # index of the next turn
+  if not job.messages:
+    job.messages = [{"role": "user", "content": rec.turns[0]}]
+  job.messages += [{"role": "assistant", "content": (answer or "").strip()},
+                   {"role": "user", "content": rec.turns[k]}]
+  try:
+    ids = engine.encode_chat(job.messages)
+  except ValueError as e:
+    return Problem(rec.line, f"turn {k + 1}: {e}")
+  if len(ids) > engine.max_prompt_len:
+    return Problem(rec.line, f"turn {k + 1}: {_too_long(len(ids), engine)}")
+  job.prompt = ids
+  return ids
