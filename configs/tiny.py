@@ -1,7 +1,11 @@
-"""Tiny CPU config: vanilla decoding of any Hugging Face model directory, few new tokens.
+"""Tiny CPU config: train a draft on, or decode with, any Hugging Face model directory.
 
+  python train.py --config=configs/tiny.py --config.target.path=/tmp/tiny_llama \
+    --config.data.path=conversations.jsonl --workdir=/tmp/tiny_train
   python decode.py --config=configs/tiny.py --config.target.path=/tmp/tiny_llama \
     --input=prompts.jsonl --output=/tmp/tiny_out.jsonl
+
+Runs in about a minute on 2 CPU cores at the defaults (float32, max_len 128, 200 steps).
 
 (A model directory to try it on: `python -c "from fspad_jax.tiny_checkpoint import
 make_tiny_checkpoint; make_tiny_checkpoint('/tmp/tiny_llama')"`.)
@@ -40,9 +44,60 @@ def decode_config() -> ml_collections.ConfigDict:
   return c
 
 
+def draft_config() -> ml_collections.ConfigDict:
+  """The draft head: its kind, compute dtype, and shape overrides (0 = the target's)."""
+  c = ml_collections.ConfigDict()
+  c.kind = "fspad"  # eagle | fspad | fs_only | pad_only
+  c.dtype = "float32"  # compute dtype; master weights are always float32
+  c.shape = ml_collections.ConfigDict(
+      {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0})
+  return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Training conversations (ShareGPT JSON/JSONL), prepared once into array_record."""
+  c = ml_collections.ConfigDict()
+  c.path = ""  # required for train.py: --config.data.path=FILE
+  c.max_len = 128
+  c.val_fraction = 0.05
+  c.prepared_dir = ""  # default: <workdir>/data
+  return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Optimization (EAGLE/FSPAD recipe, scaled down), logging and checkpointing."""
+  c = ml_collections.ConfigDict()
+  c.steps = 200
+  c.global_batch = 8
+  c.grad_accum = 1
+  c.learning_rate = 3e-3
+  c.warmup_steps = 20
+  c.decay = "linear"  # linear | cosine | constant
+  c.b1, c.b2 = 0.9, 0.95
+  c.weight_decay = 0.0
+  c.clip = "value"  # value | global_norm | none
+  c.clip_value = 0.5
+  c.w_reg, c.w_cls = 1.0, 0.1
+  c.noise = 0.2
+  c.seed = 0
+  c.depths = 5  # agreement measured at draft depths 1..depths
+  c.log_every = 20
+  c.eval_every = 100
+  c.eval_batch_size = 8
+  c.eval_batches = 4  # 0 = the whole validation split
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+  c.tensorboard = True
+  c.peak_flops_per_device = 0.0  # 0 = from the device kind (MFU omitted when unknown)
+  return c
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.target = target_config()
   config.mesh = mesh_config()
   config.decode = decode_config()
+  config.draft = draft_config()
+  config.data = data_config()
+  config.train = train_config()
   return config

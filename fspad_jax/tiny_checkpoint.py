@@ -73,8 +73,14 @@ def tiny_config(family: str = "llama", vocab_size: int = 512, hidden_size: int =
 
 
 def make_tiny_checkpoint(out_dir: str, cfg: ModelConfig | None = None, seed: int = 0,
-                         tokenizer_corpus: list[str] | None = None) -> str:
-  """Writes a complete random-weight HF model directory (weights, config, tokenizer)."""
+                         tokenizer_corpus: list[str] | None = None,
+                         weight_scale: float = 8.0) -> str:
+  """Writes a complete random-weight HF model directory (weights, config, tokenizer).
+
+  Weights are N(0, 0.02 * weight_scale): at the default, the tiny target's next-token
+  distributions are peaked and depend on the context, like a trained model's, instead of
+  the near-uniform output of a 0.02-std init (which no draft could meaningfully match)."""
+  import jax
   from flax import nnx
   from fspad_jax.hf_checkpoint import save_target
   from fspad_jax.model import init_model
@@ -82,5 +88,25 @@ def make_tiny_checkpoint(out_dir: str, cfg: ModelConfig | None = None, seed: int
   cfg = cfg or tiny_config()
   build_tokenizer(out_dir, vocab_size=cfg.vocab_size, corpus=tokenizer_corpus)
   _, params = nnx.split(init_model(cfg, seed=seed))
+  params = jax.tree.map(lambda x: x if x.ndim == 1 else x * weight_scale, params)
   save_target(out_dir, cfg, params)
   return out_dir
+
+
+def make_tiny_conversations(path: str, num: int = 200, seed: int = 0,
+                            corpus: list[str] | None = None) -> str:
+  """Writes `num` ShareGPT-layout conversations (JSONL) cut from offline English text:
+  a user turn asking about a passage's opening and an assistant turn continuing it."""
+  import json
+  import random
+  rng = random.Random(seed)
+  sentences = [s.strip() for doc in (corpus or default_corpus())
+               for s in doc.replace("\n", " ").split(". ") if len(s.split()) >= 4]
+  with open(path, "w") as f:
+    for i in range(num):
+      start = rng.randrange(len(sentences))
+      reply = ". ".join(sentences[start:start + rng.randint(1, 3)])
+      question = f"Continue: {' '.join(sentences[start - 1].split()[:8])}"
+      turns = [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]
+      f.write(json.dumps({"id": f"tiny-{i}", "conversations": turns}) + "\n")
+  return path

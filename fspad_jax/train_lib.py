@@ -1,0 +1,471 @@
+"""Draft-head training against a frozen target, computing target features online.
+
+One jitted step (`make_train_step`) does, for a global batch split into micro-batches:
+  target forward (no gradient) -> features f and soft next-token targets
+  -> draft forward on (noised f(j), e(t(j+1))) -> loss
+     w_reg * SmoothL1(regress(j), f(j+1)) + w_cls * softCE(LMhead(predict(j)), softmax(LMhead(f(j+1))))
+  -> gradients of the draft only (accumulated over micro-batches) -> optax update.
+Position j is trained iff token j+1 is an assistant token (`loss_mask[j+1]`) inside the row.
+
+Per-depth agreement (`make_agreement_fn`) feeds the draft its own features back as at
+inference: pass k predicts, for every anchor j, the draft's k-th step after committing
+token j, attending exactly to what inference would see (true-feature K/V up to the anchor,
+then the draft's own K/V of passes 2..k-1 at the chain's positions, then itself).
+
+The training loop (`train`) adds Orbax checkpoints (params, optimizer, step, data position,
+config), automatic resume, SIGTERM handling, JSONL/TensorBoard logs and evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fspad_jax.config import ConfigError, ModelConfig
+from fspad_jax.draft import Draft, DraftConfig, abstract_draft, init_draft
+from fspad_jax.hf_checkpoint import param_shardings
+from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
+from fspad_jax.sharding import LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated
+
+logger = logging.getLogger(__name__)
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  w_reg: float = 1.0  # SmoothL1 on the regressed feature
+  w_cls: float = 0.1  # soft cross-entropy of the draft's token distribution
+  noise: float = 0.2  # EAGLE's uniform feature noise: (U(0,1) - 0.5) * noise * 512 / max_len
+  smooth_l1_beta: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 3e-5
+  warmup_steps: int = 2000
+  total_steps: int = 100_000
+  decay: str = "linear"  # after warmup: linear | cosine | constant
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.0
+  clip: str = "value"  # value (EAGLE: 0.5) | global_norm | none
+  clip_value: float = 0.5
+  grad_accum: int = 1
+
+
+def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW(b1, b2) with linear warmup then decay, after clipping by value or global norm.
+  Returns (optimizer, learning-rate schedule)."""
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+  rest = max(cfg.total_steps - cfg.warmup_steps, 1)
+  decay = {"linear": optax.linear_schedule(cfg.learning_rate, 0.0, rest),
+           "cosine": optax.cosine_decay_schedule(cfg.learning_rate, rest),
+           "constant": optax.constant_schedule(cfg.learning_rate)}[cfg.decay]
+  schedule = optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+  clip = {"value": optax.clip(cfg.clip_value),
+          "global_norm": optax.clip_by_global_norm(cfg.clip_value),
+          "none": optax.identity()}[cfg.clip]
+  optimizer = optax.chain(clip, optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+                                            weight_decay=cfg.weight_decay))
+  return optimizer, schedule
+
+
+def smooth_l1(x: Array, y: Array, beta: float) -> Array:
+  diff = jnp.abs(x - y)
+  return jnp.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+
+
+class TargetOutputs(NamedTuple):
+  features: Array  # [batch, seq, embed] f(j), after the final norm
+  next_probs: Array  # [batch, seq, vocab] float32 softmax(LMhead(f(j+1))) at j (0 at the end)
+  next_token: Array  # [batch, seq] int32 argmax of the target's distribution after token j+1
+  weights: Array  # [batch, seq] float32: position j trained iff loss_mask[j+1] inside the row
+
+
+def target_outputs(target: Transformer, input_ids: Array, loss_mask: Array,
+                   lengths: Array) -> TargetOutputs:
+  """The frozen target's features and soft targets, with no gradient."""
+  batch, seq = input_ids.shape
+  positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  feats, _ = target.features(input_ids, positions, None)
+  feats = jax.lax.stop_gradient(feats)
+  next_logits = target.logits(feats[:, 1:])  # [batch, seq-1, vocab]
+  next_logits = jnp.pad(next_logits, ((0, 0), (0, 1), (0, 0)))
+  next_probs = jax.lax.stop_gradient(jax.nn.softmax(next_logits, axis=-1))
+  j = jnp.arange(seq)[None]
+  inside = (j + 1) < lengths[:, None]
+  shifted_mask = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1)))
+  weights = (shifted_mask > 0) & inside
+  return TargetOutputs(feats, next_probs, jnp.argmax(next_logits, -1).astype(jnp.int32),
+                       weights.astype(jnp.float32))
+
+
+def shifted_embeddings(target: Transformer, input_ids: Array) -> Array:
+  """e(t(j+1)) at position j: [batch, seq, embed] (zero past the end)."""
+  emb = target.embed(input_ids[:, 1:])
+  return jax.lax.stop_gradient(jnp.pad(emb, ((0, 0), (0, 1), (0, 0))))
+
+
+def _draft_plain_forward(draft: Draft, features: Array, embeddings: Array):
+  """One cache-less causal pass of the draft over a whole sequence -> (predict, regress)."""
+  batch, seq = features.shape[:2]
+  positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  layer_cfg = draft.cfg.layer_config
+  cos, sin = rope_tables(layer_cfg, positions)
+  causal = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
+  x = draft.fuse_inputs(features, embeddings)
+  predict, regress, _, _ = draft.layer(x, None, None, AttentionInputs(cos, sin, causal, None))
+  return predict, regress
+
+
+def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_cfg: LossConfig
+               ) -> tuple[Array, dict]:
+  """Loss of one micro-batch and its metrics (unnormalized sums, for exact accumulation)."""
+  input_ids, loss_mask, lengths = batch["input_ids"], batch["loss_mask"], batch["length"]
+  tgt = target_outputs(target, input_ids, loss_mask, lengths)
+  seq = input_ids.shape[1]
+  feats = tgt.features.astype(jnp.float32)
+  noise = (jax.random.uniform(rng, feats.shape) - 0.5) * loss_cfg.noise * 512.0 / seq
+  embeddings = shifted_embeddings(target, input_ids)
+  predict, regress = _draft_plain_forward(draft, (feats + noise), embeddings)
+  next_feats = jnp.pad(feats[:, 1:], ((0, 0), (0, 1), (0, 0)))  # f(j+1) at j
+  w = tgt.weights  # [batch, seq]
+  reg = jnp.mean(smooth_l1(regress.astype(jnp.float32), next_feats, loss_cfg.smooth_l1_beta),
+                 axis=-1)  # [batch, seq]
+  draft_logp = jax.nn.log_softmax(target.logits(predict.astype(jnp.dtype(target.cfg.dtype))),
+                                  axis=-1)  # [batch, seq, vocab]
+  cls = -jnp.sum(tgt.next_probs * draft_logp, axis=-1)  # [batch, seq]
+  top1 = (jnp.argmax(draft_logp, -1) == tgt.next_token).astype(jnp.float32)
+  sums = {"reg_sum": jnp.sum(reg * w), "cls_sum": jnp.sum(cls * w),
+          "top1_sum": jnp.sum(top1 * w), "weight": jnp.sum(w),
+          "tokens": jnp.sum(lengths).astype(jnp.float32)}
+  denom = jnp.maximum(jnp.sum(w), 1.0)
+  loss = (loss_cfg.w_reg * sums["reg_sum"] + loss_cfg.w_cls * sums["cls_sum"]) / denom
+  return loss, sums
+
+
+class TrainState(NamedTuple):
+  params: Any  # the draft's float32 master params (a pure dict)
+  opt_state: Any
+  step: Array  # int32 scalar
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything the jitted functions close over: graphdefs, shardings, configs."""
+
+  target_cfg: ModelConfig
+  target_graphdef: nnx.GraphDef
+  target_params: nnx.State
+  draft_cfg: DraftConfig
+  draft_graphdef: nnx.GraphDef  # built with the compute dtype
+  mesh: jax.sharding.Mesh
+  rules: ShardingRules
+  optimizer: optax.GradientTransformation
+  learning_rate: Callable  # step -> learning rate (for logging)
+  loss_cfg: LossConfig
+  grad_accum: int
+  seed: int = 0
+
+  def batch_sharding(self, ndim: int, micro: bool = False) -> NamedSharding:
+    """Batch dim over (data, fsdp); a leading micro-batch axis stays unsharded."""
+    spec = self.rules.spec(("batch",), None, self.mesh)
+    parts = ([None] if micro else []) + [spec[0]] + [None] * (ndim - 1 - int(micro))
+    return NamedSharding(self.mesh, P(*parts))
+
+  def draft_param_shardings(self) -> dict:
+    abstract = nnx.state(abstract_draft(self.draft_cfg.replace(dtype="float32")))
+    return nnx.to_pure_dict(param_shardings(abstract, self.mesh, self.rules))
+
+  def state_shardings(self, state: TrainState) -> TrainState:
+    params_sh = self.draft_param_shardings()
+    opt_sh = optax.tree_utils.tree_map_params(
+        self.optimizer, lambda _, s: s, state.opt_state, params_sh,
+        transform_non_params=lambda _: replicated(self.mesh))
+    return TrainState(params_sh, opt_sh, replicated(self.mesh))
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+def init_train_state(setup: TrainSetup, seed: int) -> TrainState:
+  """Random float32 draft params and optimizer state, created directly in their shardings."""
+  params_sh = setup.draft_param_shardings()
+  master_cfg = setup.draft_cfg.replace(dtype="float32")
+
+  def init():
+    params = nnx.to_pure_dict(nnx.state(init_draft(master_cfg, seed)))
+    return TrainState(params, setup.optimizer.init(params), jnp.zeros((), jnp.int32))
+
+  abstract = jax.eval_shape(init)
+  shardings = setup.state_shardings(abstract)
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def make_train_step(setup: TrainSetup, state_shardings: TrainState, micro_batch: int,
+                    seq_len: int) -> Callable:
+  """(state, target_params, batch) -> (state, metrics): one jit, state donated.
+
+  batch arrays are [grad_accum, micro_batch, seq] (length: [grad_accum, micro_batch])."""
+  compute_dtype = jnp.dtype(setup.draft_cfg.dtype)
+  loss_cfg = setup.loss_cfg
+
+  def step_fn(state: TrainState, target_params, batch):
+    target = nnx.merge(setup.target_graphdef, target_params)
+    rng = jax.random.fold_in(jax.random.key(setup.seed), state.step)
+
+    def micro_grads(carry, micro):
+      grads_acc, sums_acc, i = carry
+      def loss_fn(params):
+        draft = nnx.merge(setup.draft_graphdef, _cast(params, compute_dtype))
+        return draft_loss(draft, target, micro, jax.random.fold_in(rng, i), loss_cfg)
+      (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      # Weight each micro-batch's gradient by its share of trained tokens (exact mean).
+      grads = jax.tree.map(lambda g: g * sums["weight"], grads)
+      return (jax.tree.map(jnp.add, grads_acc, grads),
+              jax.tree.map(jnp.add, sums_acc, sums), i + 1), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero_sums = {k: jnp.zeros((), jnp.float32)
+                 for k in ("reg_sum", "cls_sum", "top1_sum", "weight", "tokens")}
+    (grads, sums, _), _ = jax.lax.scan(micro_grads, (zeros, zero_sums, jnp.int32(0)), batch)
+    denom = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss_reg": sums["reg_sum"] / denom, "loss_cls": sums["cls_sum"] / denom,
+               "top1": sums["top1_sum"] / denom, "grad_norm": optax.global_norm(grads),
+               "trained_tokens": sums["weight"], "tokens": sums["tokens"]}
+    metrics["loss"] = loss_cfg.w_reg * metrics["loss_reg"] + loss_cfg.w_cls * metrics["loss_cls"]
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  batch_sh = {"input_ids": setup.batch_sharding(3, micro=True),
+              "loss_mask": setup.batch_sharding(3, micro=True),
+              "length": setup.batch_sharding(2, micro=True)}
+  target_sh = jax.tree.map(lambda x: x.sharding, setup.target_params)
+  return jax.jit(step_fn, in_shardings=(state_shardings, target_sh, batch_sh),
+                 out_shardings=(state_shardings, replicated(setup.mesh)),
+                 donate_argnums=(0,))
+
+
+def make_agreement_fn(setup: TrainSetup, depths: int = 5, eval_loss: bool = True) -> Callable:
+  """(params, target_params, batch [batch, seq]) -> sums of top-1/top-3 agreement per depth
+  (feeding the draft's own features back, as at inference) and of the losses.
+
+  Pass k (k = 1..depths) holds, at position j, the draft's k-th step of the chain anchored
+  at a = j - k + 1: input feature = pass k-1's `regress` at j-1 (true f(j) for k = 1),
+  input token t(j+1). Its query attends to pass-1 K/V at positions <= a (the committed
+  prefix, true features), to pass-i K/V at position a + i - 1 for 1 < i < k (the chain so
+  far), and to itself. All K/V live in one (depths * seq)-slot cache, pass i at slots
+  [(i-1)*seq, i*seq). Agreement: the draft's top-1 (top-3) token from `predict` equals the
+  target's argmax after token j+1; counted where position j is trained and a >= 0."""
+  compute_dtype = jnp.dtype(setup.draft_cfg.dtype)
+  loss_cfg = setup.loss_cfg
+
+  def agreement(params, target_params, batch):
+    target = nnx.merge(setup.target_graphdef, target_params)
+    draft = nnx.merge(setup.draft_graphdef, _cast(params, compute_dtype))
+    input_ids, lengths = batch["input_ids"], batch["length"]
+    bsz, seq = input_ids.shape
+    tgt = target_outputs(target, input_ids, batch["loss_mask"], lengths)
+    embeddings = shifted_embeddings(target, input_ids)
+    layer_cfg = draft.cfg.layer_config
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (bsz, seq))
+    cos, sin = rope_tables(layer_cfg, positions)
+    cache = KVCache.create(layer_cfg, bsz, depths * seq)
+    j = jnp.arange(seq)
+    s = jnp.arange(seq)
+    feats = tgt.features.astype(compute_dtype)
+    out = {}
+    for k in range(1, depths + 1):
+      prefix = []
+      for i in range(1, depths + 1):
+        if i == 1 and k > 1:
+          allowed = s[None, :] <= (j - k + 1)[:, None]  # committed prefix
+        elif 1 < i < k:
+          allowed = s[None, :] == (j - k + i)[:, None]  # the chain's earlier steps
+        else:
+          allowed = jnp.zeros((seq, seq), bool)  # pass 1 itself, later passes
+        prefix.append(allowed)
+      block = jnp.tril(jnp.ones((seq, seq), bool)) if k == 1 else jnp.eye(seq, dtype=bool)
+      mask = jnp.concatenate(prefix + [block], axis=1)[None].repeat(bsz, 0)
+      slots = ((k - 1) * seq + positions).astype(jnp.int32)
+      x = draft.fuse_inputs(feats, embeddings)
+      predict, regress, ck, cv = draft.layer(x, cache.k[0], cache.v[0],
+                                             AttentionInputs(cos, sin, mask, slots))
+      cache = cache.replace(k=(ck,), v=(cv,))
+      logits = target.logits(predict.astype(jnp.dtype(target.cfg.dtype)))  # [b, seq, vocab]
+      valid = tgt.weights * ((j - k + 1) >= 0)[None].astype(jnp.float32)
+      top3 = jax.lax.top_k(logits, 3)[1]  # [batch, seq, 3]
+      hit1 = (top3[..., 0] == tgt.next_token).astype(jnp.float32)
+      hit3 = jnp.any(top3 == tgt.next_token[..., None], axis=-1).astype(jnp.float32)
+      out[f"top1_depth{k}"] = jnp.sum(hit1 * valid)
+      out[f"top3_depth{k}"] = jnp.sum(hit3 * valid)
+      out[f"count_depth{k}"] = jnp.sum(valid)
+      if k == 1 and eval_loss:
+        next_feats = jnp.pad(tgt.features[:, 1:], ((0, 0), (0, 1), (0, 0))).astype(jnp.float32)
+        reg = jnp.mean(smooth_l1(regress.astype(jnp.float32), next_feats,
+                                 loss_cfg.smooth_l1_beta), -1)
+        cls = -jnp.sum(tgt.next_probs * jax.nn.log_softmax(logits, -1), -1)
+        out["reg_sum"] = jnp.sum(reg * tgt.weights)
+        out["cls_sum"] = jnp.sum(cls * tgt.weights)
+        out["weight"] = jnp.sum(tgt.weights)
+      # Next pass: the feature fed back at j is this pass's regress at j-1.
+      feats = jnp.pad(regress[:, :-1], ((0, 0), (1, 0), (0, 0))).astype(compute_dtype)
+    return out
+
+  batch_sh = {"input_ids": setup.batch_sharding(2), "loss_mask": setup.batch_sharding(2),
+              "length": setup.batch_sharding(1)}
+  target_sh = jax.tree.map(lambda x: x.sharding, setup.target_params)
+  return jax.jit(agreement, in_shardings=(setup.draft_param_shardings(), target_sh, batch_sh),
+                 out_shardings=replicated(setup.mesh))
+
+
+def summarize_agreement(sums: dict, depths: int) -> dict:
+  """Turns summed counts into rates."""
+  out = {}
+  for k in range(1, depths + 1):
+    n = max(float(sums[f"count_depth{k}"]), 1.0)
+    out[f"top1_depth{k}"] = float(sums[f"top1_depth{k}"]) / n
+    out[f"top3_depth{k}"] = float(sums[f"top3_depth{k}"]) / n
+  if "weight" in sums:
+    w = max(float(sums["weight"]), 1.0)
+    out["loss_reg"] = float(sums["reg_sum"]) / w
+    out["loss_cls"] = float(sums["cls_sum"]) / w
+  return out
+
+
+def flops_per_step(target_cfg: ModelConfig, draft_cfg: DraftConfig, tokens: int, seq: int
+                   ) -> float:
+  """Model FLOPs of one step: target forward (incl. its LM head for the soft targets) plus
+  draft forward + backward (incl. the frozen LM head's forward and input-gradient)."""
+  d, v = target_cfg.hidden_size, target_cfg.vocab_size
+  target_body = target_cfg.num_params - v * d * (1 if target_cfg.tie_word_embeddings else 2)
+  attn = 4 * seq * target_cfg.num_heads * target_cfg.head_dim  # per token per layer, QK + PV
+  target_flops = tokens * (2 * target_body + 2 * d * v + target_cfg.num_layers * attn)
+  draft_attn = 4 * seq * draft_cfg.num_heads * draft_cfg.head_dim
+  draft_flops = tokens * (6 * draft_cfg.num_params + 3 * draft_attn + 4 * d * v)
+  return float(target_flops + draft_flops)
+
+
+def stack_micro_batches(batch: dict, grad_accum: int) -> dict:
+  """[global_batch, ...] -> [grad_accum, global_batch / grad_accum, ...] (numpy)."""
+  out = {}
+  for k in ("input_ids", "loss_mask", "length"):
+    x = np.asarray(batch[k], np.int32)
+    out[k] = x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:])
+  return out
+
+
+class PreemptionFlag:
+  """Set by SIGTERM: the loop saves once more and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      logger.warning("SIGTERM received: saving a final checkpoint, then exiting")
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Checkpointer:
+  """Orbax CheckpointManager over <workdir>/checkpoints: async saves, last N kept.
+
+  Each step directory holds the train state (draft params, optimizer state, step), the data
+  iterator position and the run's config. Orbax writes into a temporary directory and
+  renames it when complete, so a half-written checkpoint is never listed or restored."""
+
+  def __init__(self, workdir: str, keep: int):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: TrainState, data_state: dict, meta: dict):
+    ocp = self._ocp
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state._asdict()),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: TrainState, shardings: TrainState
+              ) -> tuple[TrainState, dict, dict]:
+    ocp = self._ocp
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state._asdict(), shardings._asdict())
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return TrainState(**out["state"]), out["data"], out["meta"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class MetricsWriter:
+  """Appends metrics to <workdir>/metrics.jsonl, and to TensorBoard event files when
+  tensorboardX is installed. Only process 0 writes."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled and tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logger.info("tensorboardX not installed: metrics go to metrics.jsonl only")
+
+  def write(self, step: int, split: str, metrics: dict):
+    if not self.enabled:
+      return
+    record = {"step": step, "split": split, "time": time.time(),
+              **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), step)
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,247 @@
+"""`train(config, workdir)`: the draft-training job behind train.py, usable from a notebook.
+
+Steps: validate the config (one clear error before anything compiles) -> mesh -> load the
+frozen target sharded -> prepare/read the data -> restore the latest checkpoint or
+initialize -> jitted steps with logging, evaluation, async checkpoints -> final save.
+SIGTERM (preemption) saves once more and returns cleanly; rerunning resumes.
+
+Every process reads the same global batch from the prepared dataset and places its
+addressable slice on its devices (`host_to_global`), so the result does not depend on the
+number of processes. Text batches are small, so reading them on every host is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+import ml_collections
+from flax import nnx
+from tqdm import tqdm
+
+from fspad_jax import data as data_lib
+from fspad_jax import train_lib
+from fspad_jax.config import ConfigError, load_hf_config
+from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft, draft_config_from_target
+from fspad_jax.sharding import ShardingError, ShardingRules, host_to_global, make_mesh
+from fspad_jax.target import Target
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (0 = unknown: MFU not reported).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def _peak_flops(config_value: float) -> float:
+  if config_value:
+    return float(config_value)
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return 0.0
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError with one clear line for a config that cannot run."""
+  if config.draft.kind not in DRAFT_KINDS:
+    raise ConfigError(f"config key draft.kind={config.draft.kind!r}: expected one of "
+                      f"{', '.join(DRAFT_KINDS)}")
+  if not config.target.path:
+    raise ConfigError("config key target.path is empty: pass --config.target.path=DIR")
+  if not os.path.isfile(os.path.join(config.target.path, "config.json")):
+    raise ConfigError(f"config key target.path={config.target.path!r}: not a model "
+                      "directory (no config.json)")
+  if not config.data.path or not os.path.isfile(config.data.path):
+    raise ConfigError(f"config key data.path={config.data.path!r}: no such file")
+  t = config.train
+  if t.global_batch < 1 or t.grad_accum < 1 or t.global_batch % t.grad_accum:
+    raise ConfigError(f"train.global_batch={t.global_batch} must be a positive multiple of "
+                      f"train.grad_accum={t.grad_accum}")
+  try:
+    mesh = make_mesh(tuple(config.mesh.shape))
+  except ShardingError as e:
+    raise ConfigError(f"config key mesh.shape: {e}") from None
+  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = t.global_batch // t.grad_accum
+  if micro % data_ways:
+    raise ConfigError(
+        f"train.global_batch / train.grad_accum = {micro} is not divisible by the mesh's "
+        f"data x fsdp = {data_ways} devices")
+  if t.eval_batch_size % data_ways:
+    raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is not divisible by the "
+                      f"mesh's data x fsdp = {data_ways} devices")
+  if t.steps < 1:
+    raise ConfigError(f"train.steps={t.steps} must be >= 1")
+
+
+def draft_config(config, target_cfg) -> DraftConfig:
+  """The DraftConfig from config.draft: target shapes unless overridden (0 = target's)."""
+  overrides = {k: v for k, v in dict(config.draft.get("shape", {})).items() if v}
+  return draft_config_from_target(target_cfg, config.draft.kind, dtype=config.draft.dtype,
+                                  **overrides)
+
+
+def _optim_config(t) -> train_lib.OptimConfig:
+  return train_lib.OptimConfig(
+      learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
+      decay=t.decay, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, clip=t.clip,
+      clip_value=t.clip_value, grad_accum=t.grad_accum)
+
+
+def build_setup(config, target: Target) -> train_lib.TrainSetup:
+  dcfg = draft_config(config, target.cfg)
+  graphdef, _ = nnx.split(abstract_draft(dcfg))
+  t = config.train
+  optimizer, schedule = train_lib.make_optimizer(_optim_config(t))
+  return train_lib.TrainSetup(
+      target_cfg=target.cfg, target_graphdef=target.graphdef, target_params=target.params,
+      draft_cfg=dcfg, draft_graphdef=graphdef, mesh=target.mesh, rules=target.rules,
+      optimizer=optimizer, learning_rate=schedule,
+      loss_cfg=train_lib.LossConfig(w_reg=t.w_reg, w_cls=t.w_cls, noise=t.noise),
+      grad_accum=t.grad_accum, seed=t.seed)
+
+
+def prepare_data(config, workdir: str) -> str:
+  """Prepares the dataset once (process 0), then every process opens the same directory."""
+  out_dir = config.data.prepared_dir or os.path.join(workdir, "data")
+  if jax.process_index() == 0:
+    builder_dir, report = data_lib.prepare_dataset(
+        config.data.path, config.target.path, config.data.max_len, out_dir,
+        val_fraction=config.data.val_fraction)
+    logger.info("prepared data in %s: %s", builder_dir, json.dumps(report))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("fspad_jax data prepared")
+  if jax.process_index() != 0:
+    builder_dir, _ = data_lib.prepare_dataset(
+        config.data.path, config.target.path, config.data.max_len, out_dir,
+        val_fraction=config.data.val_fraction)
+  return builder_dir
+
+
+def _place_batch(setup, batch: dict, micro: bool) -> dict:
+  return {k: host_to_global(np.asarray(v, np.int32),
+                            setup.batch_sharding(np.ndim(v), micro=micro))
+          for k, v in batch.items()}
+
+
+def evaluate(setup, agreement_fn, params, prepared_dir: str, batch_size: int, max_batches: int,
+             depths: int) -> dict:
+  """Losses and per-depth agreement over (up to max_batches of) the validation split."""
+  try:
+    batches = data_lib.TrainBatches(prepared_dir, "validation", batch_size, shuffle=False,
+                                    num_epochs=1, drop_remainder=False, shard_index=0,
+                                    shard_count=1)
+  except ValueError as e:
+    logger.warning("no evaluation: %s", e)
+    return {}
+  totals = None
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    n = batch["length"].shape[0]
+    if n < batch_size:  # pad the last batch with empty rows (length 0: never counted)
+      pad = batch_size - n
+      batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    batch = {k: batch[k] for k in ("input_ids", "loss_mask", "length")}
+    sums = agreement_fn(params, setup.target_params, _place_batch(setup, batch, micro=False))
+    sums = jax.tree.map(float, jax.device_get(sums))
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+  return train_lib.summarize_agreement(totals, depths) if totals else {}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
+  """Runs (or resumes) training; returns the last logged metrics."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+  target = Target.from_pretrained(config.target.path, mesh_shape=tuple(config.mesh.shape),
+                                  dtype=config.target.dtype)
+  setup = build_setup(config, target)
+  prepared = prepare_data(config, workdir)
+  seq = config.data.max_len
+  micro = t.global_batch // t.grad_accum
+
+  abstract_state = jax.eval_shape(lambda: train_lib.init_train_state(setup, t.seed))
+  shardings = setup.state_shardings(abstract_state)
+  step_fn = train_lib.make_train_step(setup, shardings, micro, seq)
+  agreement_fn = train_lib.make_agreement_fn(setup, depths=t.depths)
+  batches = data_lib.TrainBatches(prepared, "train", t.global_batch, seed=t.seed,
+                                  shard_index=0, shard_count=1)
+  ckpt = train_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+  meta = {"config": json.loads(config.to_json_best_effort()),
+          "draft_config": dataclasses.asdict(setup.draft_cfg),
+          "target_path": os.path.abspath(config.target.path)}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state, saved_meta = ckpt.restore(latest, abstract_state, shardings)
+    if saved_meta.get("draft_config", {}).get("kind") != setup.draft_cfg.kind:
+      raise ConfigError(f"{ckpt.directory} holds a {saved_meta['draft_config']['kind']!r} "
+                        f"draft, but draft.kind={setup.draft_cfg.kind!r}: use another workdir")
+    batches.set_state(data_state)
+    logger.info("resumed from %s step %d", ckpt.directory, latest)
+  else:
+    state = train_lib.init_train_state(setup, t.seed)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "draft_config.json"), "w") as f:
+      json.dump(dataclasses.asdict(setup.draft_cfg), f, indent=2)
+
+  writer = train_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
+  peak = _peak_flops(t.peak_flops_per_device)
+  flops = train_lib.flops_per_step(target.cfg, setup.draft_cfg, t.global_batch * seq, seq)
+  start_step = int(jax.device_get(state.step))
+  bar = tqdm(total=t.steps, initial=start_step, disable=not progress or jax.process_index(),
+             desc=f"train {setup.draft_cfg.kind}", unit="step")
+  last = {}
+  window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+  with train_lib.PreemptionFlag() as preempt:
+    step = start_step
+    while step < t.steps:
+      batch = train_lib.stack_micro_batches(next(batches), t.grad_accum)
+      first_micro = {k: v[0] for k, v in batch.items()}
+      state, metrics = step_fn(state, target.params, _place_batch(setup, batch, micro=True))
+      step += 1
+      window_steps += 1
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.steps:
+        metrics = jax.tree.map(float, jax.device_get(metrics))
+        window_tokens += metrics["tokens"]
+        dt = time.perf_counter() - window_start
+        metrics["tokens_per_s"] = window_tokens / dt
+        metrics["padded_tokens_per_s"] = window_steps * t.global_batch * seq / dt
+        if peak:
+          metrics["mfu"] = window_steps * flops / dt / (peak * jax.device_count())
+        sums = agreement_fn(state.params, target.params,
+                            _place_batch(setup, first_micro, micro=False))
+        metrics.update(train_lib.summarize_agreement(jax.device_get(sums), t.depths))
+        metrics["learning_rate"] = float(setup.learning_rate(step - 1))
+        writer.write(step, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", top1=f"{metrics['top1_depth1']:.3f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        last = metrics
+        window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+      if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+        ev = evaluate(setup, agreement_fn, state.params, prepared, t.eval_batch_size,
+                      t.eval_batches, t.depths)
+        if ev:
+          writer.write(step, "eval", ev)
+          last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
+      if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
+        ckpt.save(step, state, batches.get_state(), meta)
+      if preempt.requested:
+        logger.warning("preempted at step %d: checkpoint saved", step)
+        break
+  bar.close()
+  ckpt.close()
+  writer.close()
+  return last
+
