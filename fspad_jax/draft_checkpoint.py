@@ -1,0 +1,381 @@
+"""Draft checkpoints <-> the PyTorch ecosystem: EAGLE-1/2 heads and the official FSPAD code.
+
+A draft directory holds `config.json` (a LlamaConfig-like dict) and the weights as
+`model.safetensors` (or sharded with `model.safetensors.index.json`) or `pytorch_model.bin`
+(or `pytorch_model.bin.index.json`). Pickle-based `.bin` files are read only through
+`torch.load(path, map_location="cpu", weights_only=True)`, which refuses anything but tensors
+and plain containers; without torch they are refused. Loading never executes code.
+
+State-dict names (torch Linear weights are [out, in]; d = hidden, f = intermediate):
+  plain fc ('eagle', 'pad_only'; EAGLE `cnets.py`, FSPAD `cnets_fspad_wofs.py`):
+    fc.weight [d, 2d] (input cat(embedding, feature)), fc.bias [d] (config "bias", default on)
+  FS block ('fspad', 'fs_only'; FSPAD `cnets_fspad.py`, `cnets_mlplin.py`: module `Efc` as `fc`):
+    fc.fc.weight [d, 2d], fc.fc.bias [d]          h = W_fc [e; f] + b
+    fc.post_attention_layernorm.weight [d]        RMSNorm(h)
+    fc.mlp.gate_proj.weight [f, d]                reads the embedding e
+    fc.mlp.up_proj.weight [f, d]                  reads RMSNorm(h)
+    fc.mlp.down_proj.weight [d, f]
+  decoder layer (all kinds; no input_layernorm):
+    layers.0.self_attn.{q,k,v,o}_proj.weight, layers.0.post_attention_layernorm.weight,
+    layers.0.mlp.{gate,up}_proj.weight [f, d],
+    layers.0.mlp.down_proj.weight [d, f], or [2d, f] with PAD ('fspad', 'pad_only'):
+      rows [:d] give `predict` (LM head), rows [d:] give `regress` (fed back).
+  ignored, with a log line: embed_tokens.weight (the target's embedding is used) and
+  *.rotary_emb.inv_freq.
+These FSPAD names were read from Luc4Gui/FSPAD (commit 1c2df5e2d14afd3041540e6aeae4b0047c13b6a1),
+eagle/model/cnets_fspad.py (FS + PAD), cnets_fspad_wofs.py (PAD only) and cnets_mlplin.py
+(FS only); that code loads them with `load_state_dict(strict=True)` from `pytorch_model.bin`.
+
+config.json: hidden_size, num_attention_heads, num_key_value_heads, intermediate_size,
+rms_norm_eps, rope_theta/rope_scaling (or rope_parameters), vocab_size, num_hidden_layers
+(must be 1), "bias" (EAGLE's fc-bias flag). Exports add "draft_kind" (one of DRAFT_KINDS);
+official checkpoints have no such key, so the kind is inferred from the tensors (`fc.fc.*`
+present: FS; down_proj with 2d rows: PAD).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fspad_jax.config import ConfigError, ModelConfig, _parse_rope
+from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft
+from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _linear,
+                                     _stacked_linear, param_shardings)
+from fspad_jax.safetensors_io import TensorIndex, write_safetensors
+from fspad_jax.sharding import ShardingRules, to_host
+
+logger = logging.getLogger(__name__)
+
+LAYER_PREFIX = "layers.0."
+EMBEDDING_NAME = "embed_tokens.weight"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class DraftCheckpointError(CheckpointError):
+  """A draft directory that cannot be loaded exactly."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Name mapping
+
+
+def _fc_mapping(names: tuple[str, ...], d: int) -> TensorMapping:
+  """fc weight [d, 2d] (in = cat(e, f)) <-> our kernel [2, d, d]."""
+  return TensorMapping(names, lambda v: v[0].T.reshape(2, d, d),
+                       lambda x: [x.reshape(2 * d, d).T])
+
+
+def draft_tensor_mappings(cfg: DraftConfig) -> dict[tuple, TensorMapping]:
+  """Our parameter path -> TensorMapping (torch state-dict names), for `Draft(cfg)`."""
+  d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  f = cfg.intermediate_size
+  same = ((lambda v: v[0]), (lambda x: [x]))
+  fc = "fc.fc." if cfg.feature_sampling else "fc."
+  m = {("fc", "kernel"): _fc_mapping((fc + "weight",), d)}
+  if cfg.fc_bias:
+    m[("fc", "bias")] = TensorMapping((fc + "bias",), *same)
+  if cfg.feature_sampling:
+    fs = ("feature_sampling",)
+    m[fs + ("norm", "weight")] = TensorMapping(("fc.post_attention_layernorm.weight",), *same)
+    m[fs + ("gate_up_kernel",)] = TensorMapping(
+        ("fc.mlp.gate_proj.weight", "fc.mlp.up_proj.weight"), *_stacked_linear((f,)))
+    m[fs + ("down_kernel",)] = TensorMapping(("fc.mlp.down_proj.weight",), *_linear((d,)))
+  p, a, L = LAYER_PREFIX, LAYER_PREFIX + "self_attn.", ("layer",)
+  m[L + ("attn", "q_kernel")] = TensorMapping((a + "q_proj.weight",), *_linear((h, hd)))
+  m[L + ("attn", "kv_kernel")] = TensorMapping(
+      (a + "k_proj.weight", a + "v_proj.weight"), *_stacked_linear((kvh, hd)))
+  m[L + ("attn", "o_kernel")] = TensorMapping(
+      (a + "o_proj.weight",), lambda v: v[0].T.reshape(h, hd, d),
+      lambda x: [x.reshape(h * hd, d).T])
+  m[L + ("post_attn_norm", "weight")] = TensorMapping(
+      (p + "post_attention_layernorm.weight",), *same)
+  m[L + ("mlp", "gate_up_kernel")] = TensorMapping(
+      (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), *_stacked_linear((f,)))
+  d_out = 2 * d if cfg.partial_alignment else d
+  m[L + ("mlp", "down_kernel")] = TensorMapping((p + "mlp.down_proj.weight",),
+                                                *_linear((d_out,)))
+  return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+class _ArrayDict:
+  """In-memory tensors with TensorIndex's reading interface."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self._arrays = arrays
+
+  def names(self) -> list[str]:
+    return list(self._arrays)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._arrays[name].shape)
+
+  def view(self, name: str) -> np.ndarray:
+    return self._arrays[name]
+
+
+def _torch_to_numpy(name: str, tensor, path: str) -> np.ndarray:
+  import torch
+  if not isinstance(tensor, torch.Tensor):
+    raise DraftCheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, "
+                               f"not a tensor")
+  tensor = tensor.detach().cpu().contiguous()
+  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+    return tensor.view(torch.int16).numpy().view(NP_DTYPES["bfloat16"])
+  return tensor.numpy()
+
+
+def load_pickled_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A `.bin` state dict via `torch.load(weights_only=True)` only; never plain pickle."""
+  try:
+    import torch
+  except ImportError:
+    raise DraftCheckpointError(
+        f"{path}: this is a pickle-based PyTorch checkpoint; fspad_jax reads those only with "
+        f"torch.load(weights_only=True), and torch is not installed. Install torch or "
+        f"convert the file to model.safetensors.") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle.UnpicklingError for forbidden globals, RuntimeError, ...
+    raise DraftCheckpointError(
+        f"{path}: refused: torch.load(weights_only=True) could not read it safely (the file "
+        f"holds something other than tensors, which unpickling could execute): "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  if not isinstance(state, Mapping):
+    raise DraftCheckpointError(f"{path}: expected a state dict (name -> tensor), got a "
+                               f"{type(state).__name__}")
+  return {str(k): _torch_to_numpy(str(k), v, path) for k, v in state.items()}
+
+
+def read_draft_tensors(draft_dir: str):
+  """All tensors of a draft directory: an object with names(), shape(name), view(name)."""
+  if not os.path.isdir(draft_dir):
+    raise FileNotFoundError(f"draft directory {draft_dir!r} does not exist")
+  if any(os.path.isfile(os.path.join(draft_dir, n))
+         for n in ("model.safetensors", "model.safetensors.index.json")):
+    return TensorIndex(draft_dir)
+  single = os.path.join(draft_dir, "pytorch_model.bin")
+  index_path = os.path.join(draft_dir, "pytorch_model.bin.index.json")
+  if os.path.isfile(single):
+    return _ArrayDict(load_pickled_state_dict(single))
+  if os.path.isfile(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise DraftCheckpointError(f"{index_path}: no 'weight_map' object")
+    arrays: dict[str, np.ndarray] = {}
+    for fname in sorted(set(weight_map.values())):
+      arrays.update(load_pickled_state_dict(os.path.join(draft_dir, fname)))
+    return _ArrayDict(arrays)
+  raise DraftCheckpointError(
+      f"{draft_dir!r} has no model.safetensors, model.safetensors.index.json, "
+      f"pytorch_model.bin or pytorch_model.bin.index.json (it has: "
+      f"{', '.join(sorted(os.listdir(draft_dir))) or 'nothing'})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def infer_draft_kind(tensors, hidden_size: int) -> str:
+  """The kind from the tensor names: `fc.fc.*` means FS; a [2d, f] down_proj means PAD."""
+  names = set(tensors.names())
+  fs = "fc.fc.weight" in names
+  down = LAYER_PREFIX + "mlp.down_proj.weight"
+  pad = down in names and tensors.shape(down)[0] == 2 * hidden_size
+  return {(False, False): "eagle", (True, True): "fspad", (True, False): "fs_only",
+          (False, True): "pad_only"}[(fs, pad)]
+
+
+def parse_draft_config(raw: dict[str, Any], kind: str, source: str = "config.json",
+                       dtype: str = "float32", fc_bias: bool | None = None) -> DraftConfig:
+  """A draft config.json dict -> DraftConfig, refusing what the draft code does not run.
+  `fc_bias` is used when the dict has no "bias" key (EAGLE's default is true)."""
+  for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
+    if key not in raw:
+      raise ConfigError(f"{source}: required key {key!r} is missing")
+  layers = int(raw.get("num_hidden_layers", 1))
+  if layers != 1:
+    raise ConfigError(f"{source}: num_hidden_layers={layers}: EAGLE/FSPAD drafts have exactly "
+                      f"one decoder layer")
+  act = raw.get("hidden_act", "silu")
+  if act != "silu":
+    raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+  for key in ("attention_bias", "mlp_bias"):
+    if raw.get(key):
+      raise ConfigError(f"{source}: {key}=true is not supported in a draft layer")
+  hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+  bias = raw.get("bias")
+  return DraftConfig(
+      kind=kind, hidden_size=hidden, num_heads=heads,
+      num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+      head_dim=int(raw.get("head_dim") or hidden // heads),
+      intermediate_size=int(raw["intermediate_size"]),
+      rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope=_parse_rope(raw, source),
+      dtype=dtype, fc_bias=bool(bias) if bias is not None else (
+          True if fc_bias is None else fc_bias),
+      vocab_size=int(raw.get("vocab_size") or 0),
+      max_position_embeddings=int(raw.get("max_position_embeddings", 2048)))
+
+
+def draft_config_dict(cfg: DraftConfig) -> dict:
+  """config.json for a draft: LlamaConfig keys in the transformers 4 layout (which EAGLE's
+  and FSPAD's code read), plus "bias" and "draft_kind"."""
+  r = cfg.rope
+  scaling = None
+  if r.rope_type == "linear":
+    scaling = {"type": "linear", "rope_type": "linear", "factor": r.factor}
+  elif r.rope_type == "llama3":
+    scaling = {"type": "llama3", "rope_type": "llama3", "factor": r.factor,
+               "low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor,
+               "original_max_position_embeddings": r.original_max_position_embeddings}
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "draft_kind": cfg.kind,
+      "bias": cfg.fc_bias, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+      "num_hidden_layers": 1, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": r.theta, "rope_scaling": scaling,
+      "max_position_embeddings": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
+      "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+      "torch_dtype": cfg.dtype,
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def _check_names(tensors, mappings: dict, draft_dir: str, kind: str) -> None:
+  expected = {n for mp in mappings.values() for n in mp.hf_names}
+  present = set(tensors.names())
+  if EMBEDDING_NAME in present:
+    logger.info("%s: ignoring %s %s: the draft uses the target's token embedding", draft_dir,
+                EMBEDDING_NAME, tensors.shape(EMBEDDING_NAME))
+  missing = sorted(expected - present)
+  unexpected = sorted(n for n in present - expected
+                      if n != EMBEDDING_NAME and not n.endswith(_IGNORED_SUFFIXES))
+  problems = []
+  if missing:
+    problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+  if unexpected:
+    problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+  if any(n.startswith("midlayer.") for n in unexpected):
+    problems.append("(midlayer.* tensors are EAGLE-3's layout, which is not supported)")
+  if problems:
+    raise DraftCheckpointError(
+        f"{draft_dir}: weights do not match a {kind!r} draft: " + "; ".join(problems))
+
+
+def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: str | None = None,
+               dtype: str | None = None, mesh=None, rules: ShardingRules | None = None
+               ) -> tuple[DraftConfig, nnx.GraphDef, nnx.State]:
+  """Loads a draft directory (EAGLE, FSPAD or fspad_jax layout). Returns (cfg, graphdef, params).
+
+  kind: forces the draft kind (default: config.json's "draft_kind", else inferred from the
+  tensor names). target_cfg: checked for a matching hidden and vocabulary size; its dtype is
+  the default `dtype` (else float32). mesh/rules: place params sharded by their logical axes
+  (default: the default device).
+  """
+  path = os.path.join(draft_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{draft_dir!r} is not a draft directory: it has no config.json")
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: invalid JSON ({e})") from None
+  tensors = read_draft_tensors(draft_dir)
+  if kind is None:
+    kind = raw.get("draft_kind") or infer_draft_kind(tensors, int(raw.get("hidden_size", 0)))
+    if "draft_kind" not in raw:
+      logger.info("%s: no draft_kind in config.json; inferred %r from the tensor names",
+                  draft_dir, kind)
+  if kind not in DRAFT_KINDS:
+    raise ConfigError(f"{path}: draft_kind={kind!r}: expected one of {DRAFT_KINDS}")
+  fc_bias_name = "fc.fc.bias" if kind in ("fspad", "fs_only") else "fc.bias"
+  dtype = dtype or (target_cfg.dtype if target_cfg is not None else "float32")
+  cfg = parse_draft_config(raw, kind, source=path, dtype=dtype,
+                           fc_bias=fc_bias_name in set(tensors.names()))
+  if target_cfg is not None:
+    if cfg.hidden_size != target_cfg.hidden_size:
+      raise DraftCheckpointError(f"{path}: hidden_size={cfg.hidden_size}, but the target's is "
+                                 f"{target_cfg.hidden_size}")
+    if cfg.vocab_size and cfg.vocab_size != target_cfg.vocab_size:
+      raise DraftCheckpointError(f"{path}: vocab_size={cfg.vocab_size}, but the target's is "
+                                 f"{target_cfg.vocab_size}: this draft belongs to another model")
+    if not cfg.vocab_size:
+      cfg = cfg.replace(vocab_size=target_cfg.vocab_size)
+
+  mappings = draft_tensor_mappings(cfg)
+  _check_names(tensors, mappings, draft_dir, kind)
+  graphdef, abstract_state = nnx.split(abstract_draft(cfg))
+  np_dtype = NP_DTYPES[cfg.dtype]
+  flat_abstract = dict(nnx.to_flat_state(abstract_state))
+  flat_shardings = None
+  if mesh is not None:
+    flat_shardings = dict(nnx.to_flat_state(
+        param_shardings(abstract_state, mesh, rules or ShardingRules())))
+  loaded = []
+  for p, var in flat_abstract.items():
+    mapping = mappings[p]
+    # Expected torch shapes, from a zero-strided stand-in of our param (no memory).
+    stand_in = np.broadcast_to(np.zeros((), np.int8), tuple(var.shape))
+    for name, want in zip(mapping.hf_names, mapping.to_hf(stand_in)):
+      if tensors.shape(name) != tuple(want.shape):
+        raise DraftCheckpointError(
+            f"{draft_dir}: tensor {name!r} has shape {tensors.shape(name)}, but config.json "
+            f"implies {tuple(want.shape)} for a {kind!r} draft")
+    ours = mapping.to_ours([tensors.view(n) for n in mapping.hf_names])
+    if flat_shardings is None:
+      full = np.asarray(ours[(slice(None),) * len(var.shape)]).astype(np_dtype)
+      array = jax.device_put(full)
+    else:
+      array = jax.make_array_from_callback(
+          tuple(var.shape), flat_shardings[p].get_value(),
+          lambda idx, ours=ours: np.ascontiguousarray(ours[idx]).astype(np_dtype))
+    loaded.append((p, var.replace(array)))
+  return cfg, graphdef, nnx.from_flat_state(loaded)
+
+
+def save_draft(draft_dir: str, cfg: DraftConfig, params: nnx.State,
+               save_dtype: str | None = None, embedding: np.ndarray | None = None) -> None:
+  """Writes config.json + model.safetensors in the EAGLE/FSPAD layout (module docstring).
+
+  'eagle' drafts load in engines that serve EAGLE-1/2 heads; the other kinds carry the
+  official FSPAD names and `"draft_kind"`. `embedding` ([vocab, embed], the target's table)
+  is written as `embed_tokens.weight` for loaders that require it (EAGLE's and FSPAD's own
+  code load with strict=True); fspad_jax ignores it on loading.
+  """
+  os.makedirs(draft_dir, exist_ok=True)
+  np_dtype = NP_DTYPES[save_dtype or cfg.dtype]
+  mappings = draft_tensor_mappings(cfg)
+  tensors = {}
+  for p, var in nnx.to_flat_state(params):
+    value = np.asarray(to_host(var.get_value())).astype(np.float32)
+    for name, arr in zip(mappings[p].hf_names, mappings[p].to_hf(value)):
+      tensors[name] = np.ascontiguousarray(arr).astype(np_dtype)
+  if embedding is not None:
+    embedding = np.asarray(to_host(embedding) if isinstance(embedding, jax.Array) else embedding)
+    if embedding.ndim != 2 or embedding.shape[1] != cfg.hidden_size:
+      raise DraftCheckpointError(f"embedding has shape {embedding.shape}; expected "
+                                 f"[vocab, {cfg.hidden_size}]")
+    tensors[EMBEDDING_NAME] = np.ascontiguousarray(embedding.astype(np.float32).astype(np_dtype))
+  if jax.process_index() == 0:
+    write_safetensors(os.path.join(draft_dir, "model.safetensors"), tensors,
+                      metadata={"format": "pt"})
+    out_cfg = cfg.replace(dtype=save_dtype or cfg.dtype)
+    if embedding is not None and not out_cfg.vocab_size:
+      out_cfg = out_cfg.replace(vocab_size=int(embedding.shape[0]))
+    with open(os.path.join(draft_dir, "config.json"), "w") as f:
+      json.dump(draft_config_dict(out_cfg), f, indent=2)

@@ -1,0 +1,117 @@
+"""Finds and loads a trained draft for decoding, from any of the places one can live:
+
+  * a train.py workdir (its `draft_config.json` and latest complete Orbax checkpoint),
+  * one step's Orbax checkpoint (`<workdir>/checkpoints/<step>`),
+  * an EAGLE/FSPAD-layout directory (config.json + safetensors or pytorch_model.bin).
+
+Only the draft's params are restored from an Orbax checkpoint (the optimizer state is left
+on disk), directly into their shardings. The draft must fit the target: same hidden size and
+vocabulary, and a kind the decoding method accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from flax import nnx
+
+from fspad_jax.config import ConfigError, ModelConfig, RopeConfig
+from fspad_jax.draft import DraftConfig, abstract_draft
+from fspad_jax.hf_checkpoint import param_shardings
+from fspad_jax.sharding import ShardingRules
+
+# decode.method -> draft kinds it runs (the FSPAD ablations decode like FSPAD).
+METHOD_KINDS = {"eagle": ("eagle",), "fspad": ("fspad", "fs_only", "pad_only")}
+
+
+def draft_config_from_json(raw: dict, source: str) -> DraftConfig:
+  try:
+    raw = dict(raw)
+    raw["rope"] = RopeConfig(**raw["rope"])
+    return DraftConfig(**raw)
+  except (KeyError, TypeError) as e:
+    raise ConfigError(f"{source}: not a fspad_jax draft config ({e})") from None
+
+
+def _orbax_step_dir(path: str) -> tuple[str, str] | None:
+  """(step dir, draft_config.json) for a workdir or a step dir; None if neither."""
+  path = os.path.abspath(path)
+  if os.path.isfile(os.path.join(path, "draft_config.json")):
+    import orbax.checkpoint as ocp
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+      raise ConfigError(f"{path}: a train.py workdir without a checkpoints/ directory")
+    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        read_only=True)) as manager:
+      step = manager.latest_step()
+    if step is None:
+      raise ConfigError(f"{ckpt_dir}: no complete checkpoint yet")
+    return os.path.join(ckpt_dir, str(step)), os.path.join(path, "draft_config.json")
+  if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
+    if not os.path.isfile(os.path.join(path, "commit_success.txt")) and \
+        not os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
+      raise ConfigError(f"{path}: an incomplete checkpoint (never committed)")
+    workdir = os.path.dirname(os.path.dirname(path))
+    return path, os.path.join(workdir, "draft_config.json")
+  return None
+
+
+def load_draft_for_decode(path: str, target_cfg: ModelConfig, method: str, mesh,
+                          rules: ShardingRules | None = None, dtype: str | None = None
+                          ) -> tuple[DraftConfig, nnx.GraphDef, nnx.State]:
+  """Loads the draft at `path` for `method` ('eagle' | 'fspad'); refuses one that does not
+  fit the target. Returns (cfg, graphdef, params) with params placed by their shardings."""
+  rules = rules or ShardingRules()
+  dtype = dtype or target_cfg.dtype
+  if method not in METHOD_KINDS:
+    raise ConfigError(f"decode.method={method!r} takes no draft")
+  if not path or not os.path.isdir(path):
+    raise ConfigError(f"config key draft.path={path!r}: no such directory")
+  orbax = _orbax_step_dir(path)
+  if orbax is not None:
+    step_dir, cfg_path = orbax
+    if not os.path.isfile(cfg_path):
+      raise ConfigError(f"{step_dir}: cannot find the run's draft_config.json at {cfg_path}")
+    with open(cfg_path) as f:
+      cfg = draft_config_from_json(json.load(f), cfg_path)
+    cfg = cfg.replace(dtype=dtype)
+    _check_fit(cfg, target_cfg, method, path)
+    params = _restore_params(step_dir, cfg, mesh, rules)
+    graphdef, _ = nnx.split(abstract_draft(cfg))
+    return cfg, graphdef, params
+  from fspad_jax.draft_checkpoint import load_draft
+  cfg, graphdef, params = load_draft(path, target_cfg, dtype=dtype, mesh=mesh, rules=rules)
+  _check_fit(cfg, target_cfg, method, path)
+  return cfg, graphdef, params
+
+
+def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str):
+  if cfg.kind not in METHOD_KINDS[method]:
+    raise ConfigError(f"{path}: a {cfg.kind!r} draft, but decode.method={method!r} runs "
+                      f"{' / '.join(METHOD_KINDS[method])} drafts")
+  if cfg.hidden_size != target_cfg.hidden_size:
+    raise ConfigError(f"{path}: draft hidden size {cfg.hidden_size} does not match the "
+                      f"target's {target_cfg.hidden_size}")
+  if cfg.vocab_size and cfg.vocab_size != target_cfg.vocab_size:
+    raise ConfigError(f"{path}: draft vocabulary {cfg.vocab_size} does not match the "
+                      f"target's {target_cfg.vocab_size}")
+
+
+def _restore_params(step_dir: str, cfg: DraftConfig, mesh, rules: ShardingRules):
+  """The float32 master params of a train.py checkpoint, cast to cfg.dtype, sharded."""
+  import orbax.checkpoint as ocp
+  abstract = nnx.state(abstract_draft(cfg.replace(dtype="float32")))
+  shardings = nnx.to_pure_dict(param_shardings(abstract, mesh, rules))
+  target = {"params": jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nnx.to_pure_dict(abstract), shardings)}
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+  params = jax.tree.map(lambda x: x.astype(cfg.dtype), restored["params"])
+  state = nnx.state(abstract_draft(cfg))
+  nnx.replace_by_pure_dict(state, params)
+  return state
