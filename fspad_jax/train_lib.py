@@ -249,7 +249,7 @@ def make_train_step(setup: TrainSetup, state_shardings: TrainState, micro_batch:
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss_reg": sums["reg_sum"] / denom, "loss_cls": sums["cls_sum"] / denom,
-               "top1": sums["top1_sum"] / denom, "grad_norm": optax.global_norm(grads),
+               "top1": sums["top1_sum"] / denom, "grad_norm": optax.tree.norm(grads),
                "trained_tokens": sums["weight"], "tokens": sums["tokens"]}
     metrics["loss"] = loss_cfg.w_reg * metrics["loss_reg"] + loss_cfg.w_cls * metrics["loss_cls"]
     return TrainState(params, opt_state, state.step + 1), metrics
