@@ -39,16 +39,14 @@ def _orbax_step_dir(path: str) -> tuple[str, str] | None:
   """(step dir, draft_config.json) for a workdir or a step dir; None if neither."""
   path = os.path.abspath(path)
   if os.path.isfile(os.path.join(path, "draft_config.json")):
-    import orbax.checkpoint as ocp
     ckpt_dir = os.path.join(path, "checkpoints")
     if not os.path.isdir(ckpt_dir):
       raise ConfigError(f"{path}: a train.py workdir without a checkpoints/ directory")
-    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        read_only=True)) as manager:
-      step = manager.latest_step()
-    if step is None:
+    # Orbax writes <step>.orbax-checkpoint-tmp-* and renames it to <step> once complete.
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+    if not steps:
       raise ConfigError(f"{ckpt_dir}: no complete checkpoint yet")
-    return os.path.join(ckpt_dir, str(step)), os.path.join(path, "draft_config.json")
+    return os.path.join(ckpt_dir, str(max(steps))), os.path.join(path, "draft_config.json")
   if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
     if not os.path.isfile(os.path.join(path, "commit_success.txt")) and \
         not os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):

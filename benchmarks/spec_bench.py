@@ -1,0 +1,162 @@
+"""Cost of one tree speculative step, phase by phase, against each phase's bandwidth bound.
+
+Phases (each jitted alone, median of several runs):
+  vanilla_step   one target decode step (1 token per row): reads all target weights + KV;
+  draft_pass     one draft pass over K frontier nodes: reads the draft head + the LM head;
+  tree_draft     the whole dynamic tree (D-1 draft passes + top-k/rerank bookkeeping);
+  verify         one target forward over the T tree tokens with the ancestor mask;
+  commit         KV gather + the draft's pass over the accepted tokens;
+  full_step      draft + verify + commit as the decode loop runs it;
+  loop_per_step  the on-device while loop over many steps, per step (host overhead shows
+                 up as the difference to full_step).
+Bound of a phase = bytes it must read (weights + KV) / measured copy bandwidth.
+
+  python benchmarks/spec_bench.py --shape=llama3_8b --batch 1 8    # lent GPU
+  python benchmarks/spec_bench.py --shape=small --batch 1 8        # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_bench import SHAPES, measure_bandwidth, timeit, tree_bytes  # noqa: E402
+
+from fspad_jax import speculative as spec  # noqa: E402
+from fspad_jax.draft import draft_config_from_target, init_draft  # noqa: E402
+from fspad_jax.model import KVCache, init_model  # noqa: E402
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
+  ap.add_argument("--dtype", default=None)
+  ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+  ap.add_argument("--prefix", type=int, default=1024, help="committed tokens per row")
+  ap.add_argument("--depth", type=int, default=6)
+  ap.add_argument("--top_k", type=int, default=10)
+  ap.add_argument("--total_tokens", type=int, default=60)
+  ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--loop_steps", type=int, default=16)
+  args = ap.parse_args()
+
+  cfg = SHAPES[args.shape]()
+  if args.dtype:
+    cfg = cfg.replace(dtype=args.dtype)
+  target = init_model(cfg)
+  tg, tp = nnx.split(target)
+  dcfg = draft_config_from_target(cfg, "fspad")
+  dg, dp = nnx.split(init_draft(dcfg, seed=1))
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  target_bytes = tree_bytes(tp)
+  lm_head_bytes = cfg.hidden_size * cfg.vocab_size * itemsize
+  draft_bytes = tree_bytes(dp)
+  bandwidth = measure_bandwidth(1 << 28 if jax.default_backend() == "cpu" else 1 << 31)
+  options = spec.SpecOptions(max_new_tokens=args.loop_steps * (args.depth + 1),
+                             depth=args.depth, top_k=args.top_k,
+                             total_tokens=args.total_tokens,
+                             cache_len=args.prefix + args.total_tokens + 64 +
+                             args.loop_steps * (args.depth + 1))
+  records = []
+  for batch in args.batch:
+    rs = np.random.RandomState(0)
+    prompt = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, args.prefix)), jnp.int32)
+    lengths = jnp.full((batch,), args.prefix, jnp.int32)
+
+    def init(tp, dp, prompt, lengths):
+      return spec.init_state(nnx.merge(dg, dp), nnx.merge(tg, tp), prompt, lengths,
+                             jax.random.key(0), options)
+
+    state = jax.jit(init)(tp, dp, prompt, lengths)
+    jax.block_until_ready(state)
+    kv_bytes = (2 * cfg.num_layers * batch * args.prefix * cfg.num_kv_heads * cfg.head_dim
+                * itemsize)
+
+    # --- vanilla decode step
+    def vanilla_step(tp, cache, tokens):
+      logits, _, cache = nnx.merge(tg, tp)(tokens[:, None], cache.lengths[:, None], cache)
+      return jnp.argmax(logits[:, 0], -1), cache
+    vanilla = jax.jit(vanilla_step)
+    t_vanilla = timeit(vanilla, tp, state.target_cache, state.last_token, iters=args.iters)
+
+    # --- one draft pass over K frontier nodes (the tree's inner loop body)
+    def draft_pass(tp, dp, state):
+      draft, tgt = nnx.merge(dg, dp), nnx.merge(tg, tp)
+      k = options.top_k
+      feats = jnp.broadcast_to(state.root_feature[:, None], (batch, k, cfg.hidden_size))
+      tokens = jax.lax.top_k(state.root_logp, k)[1]
+      positions = jnp.broadcast_to(state.draft_cache.lengths[:, None], (batch, k))
+      out = draft(feats, tgt.embed(tokens), positions, state.draft_cache,
+                  block_mask=jnp.eye(k, dtype=bool)[None].repeat(batch, 0))
+      return spec._draft_logp(tgt, out.predict)
+    t_pass = timeit(jax.jit(draft_pass), tp, dp, state, iters=args.iters)
+
+    # --- whole tree draft
+    def tree_draft(tp, dp, state):
+      tree, _ = spec.build_tree(nnx.merge(dg, dp), nnx.merge(tg, tp), state, options)
+      return tree
+    t_tree = timeit(jax.jit(tree_draft), tp, dp, state, iters=args.iters)
+    tree = jax.jit(tree_draft)(tp, dp, state)
+
+    # --- verify forward
+    def verify(tp, cache, tree):
+      n = cache.lengths
+      logits, feats, cache = nnx.merge(tg, tp)(tree.tokens, n[:, None] + tree.depths, cache,
+                                               block_mask=tree.ancestor_mask)
+      return logits, feats
+    t_verify = timeit(jax.jit(verify), tp, state.target_cache, tree, iters=args.iters)
+
+    # --- full step and the loop
+    def full_step(tp, dp, state):
+      return spec.speculative_step(nnx.merge(dg, dp), nnx.merge(tg, tp), state, options)
+    t_step = timeit(jax.jit(full_step), tp, dp, state, iters=args.iters)
+
+    def loop(tp, dp, state):
+      return jax.lax.fori_loop(0, args.loop_steps, lambda i, s: full_step(tp, dp, s), state)
+    loop_jit = jax.jit(loop)
+    jax.block_until_ready(loop_jit(tp, dp, state))
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop_jit(tp, dp, state))
+    t_loop = (time.perf_counter() - t0) / args.loop_steps
+
+    passes = options.depth - 1
+    b_vanilla = (target_bytes + kv_bytes) / bandwidth
+    b_pass = (draft_bytes + lm_head_bytes) / bandwidth
+    b_tree = passes * b_pass
+    b_verify = (target_bytes + kv_bytes) / bandwidth
+    commit = max(t_step - t_tree - t_verify, 0.0)
+    records.append({
+        "shape": args.shape, "dtype": cfg.dtype, "batch": batch, "prefix": args.prefix,
+        "tree": [options.depth, options.top_k, options.total_tokens],
+        "bandwidth_GBps": bandwidth / 1e9, "target_GB": target_bytes / 1e9,
+        "draft_GB": draft_bytes / 1e9, "lm_head_GB": lm_head_bytes / 1e9,
+        "vanilla_step_ms": t_vanilla * 1e3, "vanilla_fraction_of_bound": b_vanilla / t_vanilla,
+        "draft_pass_ms": t_pass * 1e3, "draft_pass_fraction_of_bound": b_pass / t_pass,
+        "tree_draft_ms": t_tree * 1e3, "tree_draft_fraction_of_bound": b_tree / t_tree,
+        "verify_ms": t_verify * 1e3, "verify_fraction_of_bound": b_verify / t_verify,
+        "verify_over_vanilla": t_verify / t_vanilla,
+        "commit_and_bookkeeping_ms": commit * 1e3,
+        "full_step_ms": t_step * 1e3, "loop_ms_per_step": t_loop * 1e3,
+        "host_overhead_fraction": max(t_loop - t_step, 0.0) / t_loop,
+        "breakeven_tau": t_step / t_vanilla,
+        "projected_speedup_at_tau_4.53": 4.53 * t_vanilla / t_step,
+    })
+  meta = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+          "jax": jax.__version__, "python": platform.python_version(),
+          "cpu_count": os.cpu_count()}
+  for r in records:
+    print(json.dumps({**r, **meta}))
+
+
+if __name__ == "__main__":
+  main()
