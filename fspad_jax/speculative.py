@@ -350,6 +350,16 @@ class SpeculativeGenerator:
     return SpecOutput(*(to_host(x) for x in out))
 
 
+def make_step_fn(target_graphdef, draft_graphdef, options: SpecOptions):
+  """One speculative step as its own jit, state donated: (target_params, draft_params,
+  state) -> state. For step-wise control (serving loops, benchmarks); `SpeculativeGenerator`
+  runs the same step inside one on-device loop instead."""
+  def step(target_params, draft_params, state):
+    return speculative_step(nnx.merge(draft_graphdef, draft_params),
+                            nnx.merge(target_graphdef, target_params), state, options)
+  return jax.jit(step, donate_argnames=("state",))
+
+
 def cache_len_for(prompt_len: int, options: SpecOptions) -> int:
   """Target cache slots that never run out: prompt + max_new_tokens + one tree + a run."""
   return prompt_len + options.max_new_tokens + options.tree_size + options.depth + 1
