@@ -2,9 +2,18 @@
 
   python decode.py --config=configs/tiny.py --config.target.path=DIR \
     --input=prompts.jsonl --output=out.jsonl [--strict] [--seed=0]
+  python decode.py --config=configs/tiny.py --config.target.path=DIR \
+    --config.decode.method=fspad --config.draft.path=WORKDIR \
+    --input=prompts.jsonl --output=out.jsonl --compare_vanilla
 
-Any config key can be overridden, e.g. --config.decode.max_new_tokens=256. The logic lives
-in fspad_jax/decode_lib.py (run_decode).
+Any config key can be overridden, e.g. --config.decode.max_new_tokens=256. Methods:
+vanilla, and eagle / fspad (tree speculative decoding with the draft at draft.path: a
+train.py workdir, one step's checkpoint or an EAGLE-layout directory; tree settings
+decode.tree_depth, decode.tree_top_k, decode.total_tokens). --compare_vanilla also decodes
+every batch with vanilla decoding on the same loaded target and reports the speedup over
+warm calls only (a batch whose shape compiles is decoded again and only the second call is
+timed); greedy runs check that the outputs are identical. The logic lives in
+fspad_jax/decode_lib.py (run_decode).
 """
 
 import json
@@ -20,6 +29,9 @@ _INPUT = flags.DEFINE_string("input", None, "Input JSONL: id + prompt|messages|t
 _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL (appended; ids in it are skipped).")
 _STRICT = flags.DEFINE_bool("strict", False, "Abort on the first malformed input line.")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (overrides decode.seed).")
+_COMPARE = flags.DEFINE_bool(
+    "compare_vanilla", False, "Also decode with vanilla decoding: report the speedup (warm "
+    "calls only) and, for greedy, check that the outputs are identical.")
 
 
 def main(argv):
@@ -27,9 +39,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     summary = decode_lib.run_decode(_CONFIG.value, _INPUT.value, _OUTPUT.value,
-                                    strict=_STRICT.value, seed=_SEED.value)
+                                    strict=_STRICT.value, seed=_SEED.value,
+                                    compare_vanilla=_COMPARE.value)
   except decode_lib.USER_ERRORS as e:
-    sys.exit(f"decode.py: error: {e}")
+    sys.exit(f"decode.py: error: {' '.join(str(e).split())}")  # always one line
   print(json.dumps(summary, indent=2))
 
 

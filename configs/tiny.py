@@ -3,7 +3,8 @@
   python train.py --config=configs/tiny.py --config.target.path=/tmp/tiny_llama \
     --config.data.path=conversations.jsonl --workdir=/tmp/tiny_train
   python decode.py --config=configs/tiny.py --config.target.path=/tmp/tiny_llama \
-    --input=prompts.jsonl --output=/tmp/tiny_out.jsonl
+    --input=prompts.jsonl --output=/tmp/tiny_out.jsonl \
+    [--config.decode.method=fspad --config.draft.path=/tmp/tiny_train --compare_vanilla]
 
 Runs in about a minute on 2 CPU cores at the defaults (float32, max_len 128, 200 steps).
 
@@ -32,7 +33,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 def decode_config() -> ml_collections.ConfigDict:
   """Decoding method and sampling settings."""
   c = ml_collections.ConfigDict()
-  c.method = "vanilla"  # vanilla (eagle/fspad to come)
+  c.method = "vanilla"  # vanilla | eagle | fspad (eagle/fspad need draft.path)
   c.temperature = 0.0  # 0 = greedy
   c.top_p = 1.0
   c.top_k = 0  # 0 = off
@@ -41,12 +42,18 @@ def decode_config() -> ml_collections.ConfigDict:
   c.cache_len = 0  # 0 = derived per batch from prompt length + max_new_tokens
   c.stop_token_ids = ()  # extra stop ids, on top of the checkpoint's eos ids
   c.seed = 0
+  # EAGLE-2 dynamic tree (eagle/fspad): depth D, top-K per level, draft nodes verified.
+  c.tree_depth = 5
+  c.tree_top_k = 4
+  c.total_tokens = 16
   return c
 
 
 def draft_config() -> ml_collections.ConfigDict:
-  """The draft head: its kind, compute dtype, and shape overrides (0 = the target's)."""
+  """The draft head: its kind, compute dtype, and shape overrides (0 = the target's) for
+  training; `path` for decoding (it runs in the target's dtype)."""
   c = ml_collections.ConfigDict()
+  c.path = ""  # decode: a train.py workdir, one step's checkpoint or an EAGLE-layout dir
   c.kind = "fspad"  # eagle | fspad | fs_only | pad_only
   c.dtype = "float32"  # compute dtype; master weights are always float32
   c.shape = ml_collections.ConfigDict(

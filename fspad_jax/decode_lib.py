@@ -14,12 +14,34 @@ copies of its first row, discarded), right-padded to a bucketed length, so that 
 function serves every batch of a length bucket. Each output line is written whole, then
 flushed and fsync'ed; a rerun skips the ids already written and drops a partial last line.
 
-Decoding methods are looked up in `METHODS` by `decode.method` (only "vanilla" for now).
+Decoding methods are looked up in `METHODS` by `decode.method`: "vanilla" (target only), and
+"eagle" / "fspad", lossless tree speculative decoding (fspad_jax.speculative) with the draft
+at `draft.path` (a train.py workdir, one step's Orbax checkpoint or an EAGLE-layout
+directory; it must match the target's hidden size and vocabulary, and its kind the method)
+and the tree `decode.tree_depth` (D), `decode.tree_top_k` (K), `decode.total_tokens`. With
+`decode.cache_len` 0 the target cache leaves room for a tree (speculative.cache_len_for);
+a smaller fixed cache ends rows early with finish_reason "cache_full".
+
+Output records add `mean_accept_len` (tokens committed per target forward after the
+prefill: the mean of accepted + 1 over its verify steps; null without any step),
+`target_forwards` (verify steps + 1 for the prefill) and, for speculative methods,
+`accept_lengths` (accepted draft tokens of each verify step). Vanilla records count one
+forward per token: target_forwards = new_tokens and mean_accept_len 1.0. `turns` records
+hold them per turn, and pooled over the turns at the top level.
+
+`run_decode(..., compare_vanilla=True)` (decode.py --compare_vanilla) also decodes every
+batch with vanilla decoding (a second engine sharing the loaded target weights) and reports
+the speedup from warm calls only: a batch whose shape compiles in this run is decoded again
+and only that second call is timed. Greedy runs also check that the outputs are identical
+(`vanilla_match` per record, mismatches listed in the summary with the id, the first
+differing position and, for `turns`, the turn; each later turn's prompt is built from the
+speculative answers and decoded by both). Sampled runs report only the speed.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import json
 import os
@@ -30,11 +52,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fspad_jax.config import ConfigError
+from fspad_jax.draft_source import METHOD_KINDS, load_draft_for_decode
 from fspad_jax.generate import (FINISH_REASONS, GenerateOptions, GenerateOutput,
                                 VanillaGenerator)
 from fspad_jax.hf_checkpoint import CheckpointError, load_target, load_tokenizer
 from fspad_jax.sampling import SamplingParams
 from fspad_jax.sharding import ShardingError, ShardingRules, make_mesh
+from fspad_jax.speculative import (SpecOptions, SpecOutput, SpeculativeGenerator,
+                                   cache_len_for)
+from fspad_jax.tree import num_buffer_nodes
 
 PROMPT_KEYS = ("prompt", "messages", "turns", "input_ids")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -65,6 +91,34 @@ class DecodeSettings:
   cache_len: int  # 0: derived per batch from the padded prompt length
   stop_token_ids: tuple[int, ...]  # extra stop ids, on top of the checkpoint's eos ids
   seed: int
+  tree_depth: int = 6  # D (speculative methods)
+  tree_top_k: int = 10  # K
+  total_tokens: int = 60  # draft nodes verified per step
+
+  @property
+  def speculative(self) -> bool:
+    return self.method in METHOD_KINDS
+
+  def spec_options(self, options: GenerateOptions) -> SpecOptions:
+    """The speculative counterpart of one batch's GenerateOptions."""
+    return SpecOptions(max_new_tokens=options.max_new_tokens, sampling=options.sampling,
+                       stop_token_ids=options.stop_token_ids, cache_len=options.cache_len,
+                       depth=self.tree_depth, top_k=self.tree_top_k,
+                       total_tokens=self.total_tokens)
+
+  @property
+  def tree_reserve(self) -> int:
+    """Cache slots a speculative method needs beyond prompt + max_new_tokens (0: vanilla)."""
+    if not self.speculative:
+      return 0
+    opts = self.spec_options(GenerateOptions(max_new_tokens=self.max_new_tokens))
+    return cache_len_for(0, opts) - self.max_new_tokens
+
+  def tree_dict(self) -> dict | None:
+    if not self.speculative:
+      return None
+    return {"depth": self.tree_depth, "top_k": self.tree_top_k,
+            "total_tokens": self.total_tokens}
 
 
 _REQUIRED = object()
@@ -99,11 +153,19 @@ def _float(config, key: str, default=_REQUIRED) -> float:
 
 def decode_settings(config) -> DecodeSettings:
   """Validates config.decode; errors name the key. Optional keys: top_p (1.0), top_k (0),
-  cache_len (0), stop_token_ids (()), seed (0)."""
+  cache_len (0), stop_token_ids (()), seed (0), tree_depth (6), tree_top_k (10),
+  total_tokens (60)."""
   method = _get(config, "decode.method")
   if method not in METHODS:
     raise DecodeError(f"config key decode.method={method!r} is not supported "
                       f"(supported: {', '.join(sorted(METHODS))})")
+  depth = _int(config, "decode.tree_depth", 1, 6)
+  tree_k = _int(config, "decode.tree_top_k", 1, 10)
+  total = _int(config, "decode.total_tokens", 1, 60)
+  if method in METHOD_KINDS and total > num_buffer_nodes(tree_k, depth):
+    raise DecodeError(f"config key decode.total_tokens={total} exceeds the "
+                      f"{num_buffer_nodes(tree_k, depth)} nodes that decode.tree_depth={depth} "
+                      f"and decode.tree_top_k={tree_k} draft")
   temperature = _float(config, "decode.temperature")
   top_p = _float(config, "decode.top_p", 1.0)
   top_k = _int(config, "decode.top_k", 0, 0)
@@ -127,7 +189,8 @@ def decode_settings(config) -> DecodeSettings:
   return DecodeSettings(
       method=method, sampling=sampling, max_new_tokens=max_new,
       batch_size=_int(config, "decode.batch_size", 1), cache_len=cache_len,
-      stop_token_ids=tuple(int(s) for s in stops), seed=_int(config, "decode.seed", 0, 0))
+      stop_token_ids=tuple(int(s) for s in stops), seed=_int(config, "decode.seed", 0, 0),
+      tree_depth=depth, tree_top_k=tree_k, total_tokens=total)
 
 
 def resolve_target_path(path: str) -> str:
@@ -166,17 +229,44 @@ def _round_up(n: int, m: int) -> int:
 
 
 # (engine, graphdef, params) -> fn(prompt [batch, seq], lengths [batch], options, seed)
-#   -> GenerateOutput (numpy). Speculative methods register here, reading their extra
-# config sections (e.g. `draft`) from engine.config.
+#   -> GenerateOutput or SpecOutput (numpy). Speculative methods read their extra config
+# sections (`draft`) from engine.config.
 MethodBuilder = Callable[..., Callable[[np.ndarray, np.ndarray, GenerateOptions, int],
-                                       GenerateOutput]]
+                                       GenerateOutput | SpecOutput]]
 
 
 def _build_vanilla(engine: "DecodeEngine", graphdef, params):
   return VanillaGenerator(graphdef, params, engine.mesh, engine.rules)
 
 
-METHODS: dict[str, MethodBuilder] = {"vanilla": _build_vanilla}
+class _Speculative:
+  """A SpeculativeGenerator called with GenerateOptions (the tree comes from settings)."""
+
+  def __init__(self, generator: SpeculativeGenerator, settings: DecodeSettings):
+    self.generator, self.settings = generator, settings
+
+  def __call__(self, prompt, lengths, options: GenerateOptions, seed: int = 0) -> SpecOutput:
+    return self.generator(prompt, lengths, self.settings.spec_options(options), seed)
+
+
+def _build_speculative(engine: "DecodeEngine", graphdef, params):
+  """Loads draft.path (refused unless it fits the target and the method)."""
+  method = engine.settings.method
+  path = _get(engine.config, "draft.path", "")
+  if not path:
+    raise DecodeError(f"config key draft.path is not set: decode.method={method!r} needs a "
+                      f"draft (a train.py workdir, a checkpoint step or an EAGLE-layout "
+                      f"directory)")
+  cfg, draft_graphdef, draft_params = load_draft_for_decode(
+      path, engine.cfg, method, engine.mesh, engine.rules)
+  engine.draft_info = {"path": os.path.abspath(path), "kind": cfg.kind, "dtype": cfg.dtype}
+  generator = SpeculativeGenerator(graphdef, params, draft_graphdef, draft_params,
+                                   engine.mesh, engine.rules)
+  return _Speculative(generator, engine.settings)
+
+
+METHODS: dict[str, MethodBuilder] = {
+    "vanilla": _build_vanilla, "eagle": _build_speculative, "fspad": _build_speculative}
 
 
 # --------------------------------------------------------------------------- engine
@@ -187,13 +277,32 @@ class Completion:
   """One decoded prompt."""
 
   output_ids: list[int]  # generated tokens, including the stop token when one was generated
-  finish_reason: str  # "stop" | "length"
+  finish_reason: str  # "stop" | "length" | "cache_full"
   prompt_tokens: int
   decode_time_s: float  # wall time of the batch call that decoded it (shared by its rows)
+  accept_lengths: list[int] | None = None  # speculative: accepted draft tokens per step
 
   @property
   def new_tokens(self) -> int:
     return len(self.output_ids)
+
+  @property
+  def steps(self) -> int:
+    """Target forwards after the prefill (verify steps; vanilla: one per later token)."""
+    if self.accept_lengths is None:
+      return max(self.new_tokens - 1, 0)
+    return len(self.accept_lengths)
+
+  @property
+  def committed(self) -> int:
+    """Tokens those steps committed (accepted + 1 each; stop/length may cut the last)."""
+    if self.accept_lengths is None:
+      return self.steps
+    return sum(self.accept_lengths) + len(self.accept_lengths)
+
+  @property
+  def target_forwards(self) -> int:
+    return self.steps + 1
 
 
 def default_stop_token_ids(model_dir: str, eos_ids: Sequence[int], tokenizer) -> set[int]:
@@ -213,10 +322,12 @@ def default_stop_token_ids(model_dir: str, eos_ids: Sequence[int], tokenizer) ->
 
 
 class DecodeEngine:
-  """A loaded target + tokenizer + compiled decoding method; decodes token-id prompts.
+  """A loaded target + tokenizer (+ draft) + compiled decoding method; decodes token-id
+  prompts.
 
-  Built from a config with `target`, `mesh` and `decode` sections. Reuse one engine across
-  `run_decode` calls to keep the weights and the compiled functions."""
+  Built from a config with `target`, `mesh` and `decode` sections (and `draft` for
+  eagle/fspad). Reuse one engine across `run_decode` calls to keep the weights and the
+  compiled functions."""
 
   def __init__(self, config):
     self.config = config
@@ -231,7 +342,8 @@ class DecodeEngine:
     except (ShardingError, TypeError, ValueError) as e:
       raise DecodeError(f"config key mesh.shape={shape!r}: {e}") from None
     self.rules = ShardingRules()
-    self.cfg, graphdef, params = load_target(self.model_dir, self.mesh, self.rules, dtype)
+    self.cfg, self.graphdef, self.params = load_target(self.model_dir, self.mesh, self.rules,
+                                                       dtype)
     try:
       self.tokenizer = load_tokenizer(self.model_dir)
       self.tokenizer_error = None
@@ -244,17 +356,38 @@ class DecodeEngine:
                         f"vocabulary (size {vocab})")
     stops = default_stop_token_ids(self.model_dir, self.cfg.eos_token_ids, self.tokenizer)
     self.stop_token_ids = tuple(sorted(stops | set(self.settings.stop_token_ids)))
+    self.draft_info: dict | None = None  # speculative: {path, kind, dtype} of the draft
+    self._vanilla: DecodeEngine | None = None
+    self._init_method()
+
+  def _init_method(self):
     s = self.settings
     limit = s.cache_len or self.cfg.max_position_embeddings
-    self.max_prompt_len = limit - s.max_new_tokens  # longest prompt that fits
+    # Longest prompt that fits; a derived cache also leaves room for a draft tree.
+    self.max_prompt_len = limit - s.max_new_tokens - (0 if s.cache_len else s.tree_reserve)
     if self.max_prompt_len < 1:
       raise DecodeError(
           f"config key decode.max_new_tokens={s.max_new_tokens} leaves no room for a prompt "
           + (f"in decode.cache_len={s.cache_len}" if s.cache_len else
-             f"within the target's max_position_embeddings={limit}"))
-    self._generate = METHODS[s.method](self, graphdef, params)
+             f"within the target's max_position_embeddings={limit}"
+             + (f" (with {s.tree_reserve} slots for the draft tree)" if s.tree_reserve
+                else "")))
+    self._generate = METHODS[s.method](self, self.graphdef, self.params)
     self.compiled_shapes: set[tuple[int, int]] = set()  # (padded prompt len, cache len)
     self.last_call_compiled = False  # whether the last batch paid for a compilation
+
+  def vanilla_engine(self) -> "DecodeEngine":
+    """An engine for vanilla decoding sharing this one's target, tokenizer and settings
+    (made once; itself when this one is vanilla)."""
+    if self.settings.method == "vanilla":
+      return self
+    if self._vanilla is None:
+      twin = copy.copy(self)
+      twin.settings = dataclasses.replace(self.settings, method="vanilla")
+      twin.draft_info, twin._vanilla = None, None
+      twin._init_method()
+      self._vanilla = twin
+    return self._vanilla
 
   # ---- tokenization
 
@@ -293,7 +426,8 @@ class DecodeEngine:
     padded = bucket_length(max_prompt_len)
     if s.cache_len:
       return min(padded, s.cache_len - s.max_new_tokens), s.cache_len
-    return padded, _round_up(padded + s.max_new_tokens, CACHE_ROUND)
+    # Speculative: prompt + max_new_tokens + one tree + one accepted run (cache_len_for).
+    return padded, _round_up(padded + s.max_new_tokens + s.tree_reserve, CACHE_ROUND)
 
   def generate_batch(self, prompts: Sequence[Sequence[int]], seed: int = 0
                      ) -> list[Completion]:
@@ -320,9 +454,14 @@ class DecodeEngine:
     out = self._generate(prompt, row_lengths, options, seed)
     tokens, num, reason = (np.asarray(x) for x in out[:3])  # host arrays: call is done
     dt = time.perf_counter() - t0
+    history = np.asarray(out.accept_history) if isinstance(out, SpecOutput) else None
     return [Completion(output_ids=[int(t) for t in tokens[i, :num[i]]],
                        finish_reason=FINISH_REASONS[int(reason[i])],
-                       prompt_tokens=lengths[i], decode_time_s=dt) for i in range(n)]
+                       prompt_tokens=lengths[i], decode_time_s=dt,
+                       # -1 marks steps after the row finished (a row's steps come first)
+                       accept_lengths=(None if history is None else
+                                       [int(a) for a in history[i] if a >= 0]))
+            for i in range(n)]
 
   def generate(self, prompts: Sequence[Sequence[int]], seed: int = 0) -> list[Completion]:
     """Decodes any number of prompts, batch_size at a time."""
@@ -437,8 +576,10 @@ def _too_long(n: int, engine: DecodeEngine) -> str:
   s = engine.settings
   room = (f"decode.cache_len={s.cache_len}" if s.cache_len else
           f"max_position_embeddings={engine.cfg.max_position_embeddings}")
+  tree = (f" and {s.tree_reserve} slots for the draft tree"
+          if s.tree_reserve and not s.cache_len else "")
   return (f"prompt of {n} tokens is too long: at most {engine.max_prompt_len} fit "
-          f"({room} minus decode.max_new_tokens={s.max_new_tokens})")
+          f"({room} minus decode.max_new_tokens={s.max_new_tokens}{tree})")
 
 
 def load_records(path: str, engine: DecodeEngine
@@ -508,10 +649,28 @@ class JsonlWriter:
     self.f.close()
 
 
+def _mean_accept(committed: int, steps: int) -> float | None:
+  return round(committed / steps, 4) if steps else None
+
+
 def _completion_dict(c: Completion, text: str | None) -> dict:
-  return {"output_ids": c.output_ids, "text": text, "new_tokens": c.new_tokens,
-          "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-          "decode_time_s": round(c.decode_time_s, 6)}
+  d = {"output_ids": c.output_ids, "text": text, "new_tokens": c.new_tokens,
+       "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+       "mean_accept_len": _mean_accept(c.committed, c.steps),
+       "target_forwards": c.target_forwards}
+  if c.accept_lengths is not None:
+    d["accept_lengths"] = c.accept_lengths
+  d["decode_time_s"] = round(c.decode_time_s, 6)
+  return d
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+  """First position where two token lists differ (the shorter length for a proper prefix);
+  None when equal."""
+  for i, (x, y) in enumerate(zip(a, b)):
+    if x != y:
+      return i
+  return None if len(a) == len(b) else min(len(a), len(b))
 
 
 # --------------------------------------------------------------------------- job
@@ -525,15 +684,39 @@ class _Job:
   prompt: list[int]
   results: list[tuple[Completion, str | None]] = dataclasses.field(default_factory=list)
   messages: list[dict] = dataclasses.field(default_factory=list)
+  vanilla: list[Completion] = dataclasses.field(default_factory=list)  # --compare_vanilla
 
-  def output(self) -> dict:
+  @property
+  def committed_steps(self) -> tuple[int, int]:
+    return (sum(c.committed for c, _ in self.results), sum(c.steps for c, _ in self.results))
+
+  def mismatches(self) -> list[dict]:
+    """Turns whose output differs from vanilla decoding of the same prompt."""
+    out = []
+    for k, ((c, _), v) in enumerate(zip(self.results, self.vanilla)):
+      pos = first_difference(c.output_ids, v.output_ids)
+      if pos is not None:
+        m = {"id": self.record.id, "position": pos, "finish_reason": c.finish_reason,
+             "vanilla_finish_reason": v.finish_reason}
+        if self.record.kind == "turns":
+          m["turn"] = k + 1
+        out.append(m)
+    return out
+
+  def output(self, check_vanilla: bool = False) -> dict:
     rid = self.record.id
     if self.record.kind != "turns":
       (c, text), = self.results
-      return {"id": rid, **_completion_dict(c, text)}
-    turns = [_completion_dict(c, t) for c, t in self.results]
-    return {"id": rid, "turns": turns, "new_tokens": sum(t["new_tokens"] for t in turns),
-            "decode_time_s": round(sum(c.decode_time_s for c, _ in self.results), 6)}
+      out = {"id": rid, **_completion_dict(c, text)}
+    else:
+      turns = [_completion_dict(c, t) for c, t in self.results]
+      out = {"id": rid, "turns": turns, "new_tokens": sum(t["new_tokens"] for t in turns),
+             "mean_accept_len": _mean_accept(*self.committed_steps),
+             "target_forwards": sum(t["target_forwards"] for t in turns),
+             "decode_time_s": round(sum(c.decode_time_s for c, _ in self.results), 6)}
+    if check_vanilla:
+      out["vanilla_match"] = not self.mismatches()
+    return out
 
 
 def _config_dict(config) -> Any:
@@ -547,17 +730,45 @@ def _default_log(msg: str) -> None:
   tqdm.write(msg, file=sys.stderr)
 
 
+class _Timer:
+  """Decode time of one engine over a run: all calls, and warm (compile-free) calls."""
+
+  def __init__(self):
+    self.total = self.warm = 0.0
+    self.warm_tokens = 0
+
+  def run(self, engine: DecodeEngine, prompts, seed: int, rerun_compiled: bool
+          ) -> list[Completion]:
+    """One batch; with rerun_compiled, a batch that compiled is decoded again (same seed,
+    same outputs) so that its time is measured warm."""
+    out = engine.generate_batch(prompts, seed=seed)
+    self.total += out[0].decode_time_s
+    if engine.last_call_compiled and rerun_compiled:
+      out = engine.generate_batch(prompts, seed=seed)
+      self.total += out[0].decode_time_s
+    if not engine.last_call_compiled:
+      self.warm += out[0].decode_time_s
+      self.warm_tokens += sum(c.new_tokens for c in out)
+    return out
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+  return round(tokens / seconds, 2) if seconds else None
+
+
 def run_decode(config, input_path: str, output_path: str, *, strict: bool = False,
                seed: int | None = None, progress: bool = True,
                engine: DecodeEngine | None = None,
-               log: Callable[[str], None] | None = None) -> dict:
+               log: Callable[[str], None] | None = None,
+               compare_vanilla: bool = False) -> dict:
   """Decodes every input record whose id is not yet in `output_path`; returns the summary
   (also written to `<output>.summary.json`).
 
   Malformed lines are reported through `log` with their line number and skipped, or with
   `strict` abort the job (DecodeError) before anything is decoded. `engine` reuses a
   DecodeEngine built from this config (then `config` may be None); `seed` overrides
-  decode.seed."""
+  decode.seed. `compare_vanilla` also decodes each batch with vanilla decoding (see the
+  module docstring)."""
   from tqdm import tqdm
 
   t_start = time.perf_counter()
@@ -580,6 +791,8 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
 
   if engine is None:
     engine = DecodeEngine(config)
+  vanilla = engine.vanilla_engine() if compare_vanilla else None
+  greedy_check = vanilla is not None and settings.sampling.temperature == 0
   t_loaded = time.perf_counter()
   records, problems, blank = load_records(input_path, engine)
   if problems and strict:
@@ -591,25 +804,35 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
   writer = JsonlWriter(output_path) if is_writer else None
   queue = collections.deque(_Job(r, r.input_ids) for r in pending)
   stats = collections.Counter()
-  decode_time = warm_time = 0.0  # seconds in batch calls; those without a compilation
+  timer, vanilla_timer = _Timer(), _Timer()
+  depth_hits = np.zeros(settings.tree_depth + 1, np.int64)  # [D+1]: steps accepting >= d
+  record_taus, mismatches = [], []
   bar = tqdm(total=len(pending), unit="rec", disable=not progress, file=sys.stderr,
              dynamic_ncols=True, desc=f"decode[{settings.method}]")
   try:
     while queue:
       jobs = [queue.popleft() for _ in range(min(settings.batch_size, len(queue)))]
-      completions = engine.generate_batch([j.prompt for j in jobs],
-                                          seed=batch_seed(run_seed, stats["batches"]))
+      prompts = [j.prompt for j in jobs]
+      bseed = batch_seed(run_seed, stats["batches"])
+      completions = timer.run(engine, prompts, bseed, rerun_compiled=vanilla is not None)
+      if vanilla is not None:
+        for job, v in zip(jobs, vanilla_timer.run(vanilla, prompts, bseed, True)):
+          job.vanilla.append(v)
+          stats["vanilla_new_tokens"] += v.new_tokens
       stats["batches"] += 1
-      decode_time += completions[0].decode_time_s
-      if not engine.last_call_compiled:
-        warm_time += completions[0].decode_time_s
-        stats["warm_tokens"] += sum(c.new_tokens for c in completions)
       followups = []
       for job, c in zip(jobs, completions):
         text = engine.decode_text(c.output_ids)
         job.results.append((c, text))
         stats["new_tokens"] += c.new_tokens
         stats["prompt_tokens"] += c.prompt_tokens
+        stats["steps"] += c.steps
+        stats["committed"] += c.committed
+        stats["target_forwards"] += c.target_forwards
+        stats[f"finish_{c.finish_reason}"] += 1
+        if c.accept_lengths:
+          a = np.minimum(np.asarray(c.accept_lengths), settings.tree_depth)
+          depth_hits += np.bincount(a, minlength=settings.tree_depth + 1)[::-1].cumsum()[::-1]
         rec = job.record
         if rec.kind == "turns" and len(job.results) < len(rec.turns):
           nxt = _next_turn(job, text, engine)
@@ -623,18 +846,27 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
           else:
             followups.append(job)
           continue
+        committed, steps = job.committed_steps
+        if steps:
+          record_taus.append(committed / steps)
+        if greedy_check:
+          bad = job.mismatches()
+          mismatches += bad
+          stats["checked"] += 1
+          stats["matched"] += not bad
         if writer is not None:
-          writer.write(job.output())
+          writer.write(job.output(check_vanilla=greedy_check))
         stats["decoded"] += 1
         bar.update(1)
       queue.extendleft(reversed(followups))  # finish multi-turn records first
-      bar.set_postfix_str(f"{stats['new_tokens'] / max(decode_time, 1e-9):.1f} tok/s")
+      bar.set_postfix_str(f"{stats['new_tokens'] / max(timer.total, 1e-9):.1f} tok/s")
   finally:
     bar.close()
     if writer is not None:
       writer.close()
 
   wall = time.perf_counter() - t_start
+  steps = stats["steps"]
   summary = {
       "method": settings.method,
       "input": input_path,
@@ -650,12 +882,26 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
       "recovered_partial_line": partial,
       "new_tokens": stats["new_tokens"],
       "prompt_tokens": stats["prompt_tokens"],
+      "finish_reasons": {r: stats[f"finish_{r}"] for r in FINISH_REASONS.values()
+                         if stats[f"finish_{r}"]},
       "batches": stats["batches"],
       "compiled_shapes": len(engine.compiled_shapes),
-      "decode_time_s": round(decode_time, 4),
-      "tokens_per_s": round(stats["new_tokens"] / decode_time, 2) if decode_time else 0.0,
-      "tokens_per_s_excl_compile": (round(stats["warm_tokens"] / warm_time, 2)
-                                    if warm_time else None),
+      "decode_time_s": round(timer.total, 4),  # all decode calls (compare: + re-runs)
+      "tokens_per_s": _rate(stats["new_tokens"], timer.total) or 0.0,
+      "tokens_per_s_excl_compile": _rate(timer.warm_tokens, timer.warm),
+      # Target forwards: prefill + verify steps (vanilla: one per token).
+      "target_forwards": stats["target_forwards"],
+      "verify_steps": steps,
+      # Tokens committed per verify step, pooled over all steps, and the mean of per-record
+      # values (records with at least one step).
+      "tau": _mean_accept(stats["committed"], steps),
+      "tau_per_record_mean": (round(float(np.mean(record_taus)), 4) if record_taus
+                              else None),
+      # Element d-1: fraction of verify steps that accepted >= d draft tokens, d = 1..D.
+      "acceptance_by_depth": ([round(float(x) / steps, 4) for x in depth_hits[1:]]
+                              if settings.speculative and steps else None),
+      "tree": settings.tree_dict(),
+      "draft": engine.draft_info,
       "load_time_s": round(t_loaded - t_start, 4),
       "wall_time_s": round(wall, 4),
       "seed": run_seed,
@@ -663,6 +909,20 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
       "stop_token_ids": list(engine.stop_token_ids),
       "config": _config_dict(engine.config),
   }
+  if vanilla is not None:
+    summary["compare_vanilla"] = {
+        # Warm calls only: a batch whose shape compiled in this run was decoded again.
+        "decode_time_s": round(timer.warm, 4),
+        "vanilla_decode_time_s": round(vanilla_timer.warm, 4),
+        "speedup": (round(vanilla_timer.warm / timer.warm, 4) if timer.warm else None),
+        "tokens_per_s": _rate(timer.warm_tokens, timer.warm),
+        "vanilla_tokens_per_s": _rate(vanilla_timer.warm_tokens, vanilla_timer.warm),
+        "vanilla_new_tokens": stats["vanilla_new_tokens"],
+        "greedy": greedy_check,
+        "checked": stats["checked"] if greedy_check else None,
+        "matched": stats["matched"] if greedy_check else None,
+        "mismatches": mismatches[:MAX_REPORTED_PROBLEMS] if greedy_check else None,
+    }
   if is_writer:
     tmp = output_path + ".summary.json.tmp"
     with open(tmp, "w") as f:

@@ -87,7 +87,8 @@ def load_draft_for_decode(path: str, target_cfg: ModelConfig, method: str, mesh,
 
 def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str):
   if cfg.kind not in METHOD_KINDS[method]:
-    raise ConfigError(f"{path}: a {cfg.kind!r} draft, but decode.method={method!r} runs "
+    article = "an" if cfg.kind[0] in "aeiou" else "a"
+    raise ConfigError(f"{path}: {article} {cfg.kind!r} draft, but decode.method={method!r} runs "
                       f"{' / '.join(METHOD_KINDS[method])} drafts")
   if cfg.hidden_size != target_cfg.hidden_size:
     raise ConfigError(f"{path}: draft hidden size {cfg.hidden_size} does not match the "

@@ -25,7 +25,8 @@ from fspad_jax.sharding import (LOGICAL_LAYOUTS, ShardingRules, host_to_global, 
 Array = jax.Array
 
 FINISH_LENGTH, FINISH_STOP = 0, 1  # finish_reason codes
-FINISH_REASONS = {FINISH_LENGTH: "length", FINISH_STOP: "stop"}
+# 2 = speculative.FINISH_CACHE_FULL: the target cache could not hold another draft tree.
+FINISH_REASONS = {FINISH_LENGTH: "length", FINISH_STOP: "stop", 2: "cache_full"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -317,7 +317,8 @@ def test_default_stop_ids_read_generation_config(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("decode.method", "eagle", r"decode.method='eagle' is not supported \(supported: vanilla"),
+    ("decode.method", "medusa",
+     r"decode.method='medusa' is not supported \(supported: eagle, fspad, vanilla\)"),
     ("decode.top_p", 0.0, "top_p must be in"),
     ("decode.temperature", -1.0, "temperature must be >= 0"),
     ("decode.max_new_tokens", 0, "decode.max_new_tokens"),
@@ -378,7 +379,7 @@ def test_cli_error_is_one_line(tmp_path):
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1] == (
       "decode.py: error: config key decode.method='fspad2' is not supported "
-      "(supported: vanilla)")
+      "(supported: eagle, fspad, vanilla)")
   assert "Traceback" not in r.stderr
 
 
