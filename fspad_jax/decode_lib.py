@@ -55,7 +55,7 @@ from fspad_jax.config import ConfigError
 from fspad_jax.draft_source import METHOD_KINDS, load_draft_for_decode
 from fspad_jax.generate import (FINISH_REASONS, GenerateOptions, GenerateOutput,
                                 VanillaGenerator)
-from fspad_jax.hf_checkpoint import CheckpointError, load_target, load_tokenizer
+from fspad_jax.hf_checkpoint import CheckpointError, load_target, load_tokenizer, resolve_model_dir
 from fspad_jax.sampling import SamplingParams
 from fspad_jax.sharding import ShardingError, ShardingRules, make_mesh
 from fspad_jax.speculative import (SpecOptions, SpecOutput, SpeculativeGenerator,
@@ -195,18 +195,10 @@ def decode_settings(config) -> DecodeSettings:
 
 def resolve_target_path(path: str) -> str:
   """target.path as a local directory: a directory, or a repo id in the local HF cache."""
-  if not path:
-    raise DecodeError("config key target.path is not set (pass --config.target.path=DIR)")
-  if os.path.isdir(path):
-    return path
-  if path.count("/") == 1 and not path.startswith((".", "/", "~")):
-    try:
-      from huggingface_hub import snapshot_download
-      return snapshot_download(repo_id=path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
-      pass
-  raise DecodeError(f"config key target.path={path!r}: no such directory (nor a model in "
-                    f"the local Hugging Face cache)")
+  try:
+    return resolve_model_dir(path, "target.path")
+  except ConfigError as e:
+    raise DecodeError(str(e)) from None
 
 
 def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:

@@ -42,15 +42,15 @@ def _orbax_step_dir(path: str) -> tuple[str, str] | None:
     ckpt_dir = os.path.join(path, "checkpoints")
     if not os.path.isdir(ckpt_dir):
       raise ConfigError(f"{path}: a train.py workdir without a checkpoints/ directory")
-    # Orbax writes <step>.orbax-checkpoint-tmp-* and renames it to <step> once complete.
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+    # A step is complete once Orbax wrote its commit_success.txt (train_lib.Checkpointer).
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()
+             and os.path.isfile(os.path.join(ckpt_dir, d, "commit_success.txt"))]
     if not steps:
       raise ConfigError(f"{ckpt_dir}: no complete checkpoint yet")
     return os.path.join(ckpt_dir, str(max(steps))), os.path.join(path, "draft_config.json")
   if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
-    if not os.path.isfile(os.path.join(path, "commit_success.txt")) and \
-        not os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
-      raise ConfigError(f"{path}: an incomplete checkpoint (never committed)")
+    if not os.path.isfile(os.path.join(path, "commit_success.txt")):
+      raise ConfigError(f"{path}: an incomplete checkpoint (no commit_success.txt)")
     workdir = os.path.dirname(os.path.dirname(path))
     return path, os.path.join(workdir, "draft_config.json")
   return None

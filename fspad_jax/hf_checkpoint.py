@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from fspad_jax.config import ModelConfig, load_hf_config
+from fspad_jax.config import ConfigError, ModelConfig, load_hf_config
 from fspad_jax.model import Transformer, abstract_model
 from fspad_jax.safetensors_io import TensorIndex, write_safetensors
 from fspad_jax.sharding import ShardingRules, to_host
@@ -234,6 +234,23 @@ def save_target(model_dir: str, cfg: ModelConfig, params: nnx.State,
                       metadata={"format": "pt"})
     with open(os.path.join(model_dir, "config.json"), "w") as f:
       json.dump(hf_config_dict(cfg.replace(dtype=save_dtype or cfg.dtype)), f, indent=2)
+
+
+def resolve_model_dir(path: str, key: str = "target.path") -> str:
+  """A model given as a local directory, or as a repo id already in the local Hugging Face
+  cache (never downloaded). Errors name the config key."""
+  if not path:
+    raise ConfigError(f"config key {key} is not set (pass --config.{key}=DIR)")
+  if os.path.isdir(path):
+    return path
+  if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+    try:
+      from huggingface_hub import snapshot_download
+      return snapshot_download(repo_id=path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+      pass
+  raise ConfigError(f"config key {key}={path!r}: no such directory (nor a model in the "
+                    f"local Hugging Face cache)")
 
 
 def load_tokenizer(model_dir: str):

@@ -401,16 +401,20 @@ class Checkpointer:
   """Orbax CheckpointManager over <workdir>/checkpoints: async saves, last N kept.
 
   Each step directory holds the train state (draft params, optimizer state, step), the data
-  iterator position and the run's config. Orbax writes into a temporary directory and
-  renames it when complete, so a half-written checkpoint is never listed or restored."""
+  iterator position and the run's config. A step is complete only once Orbax has written
+  its commit_success.txt, so a half-written checkpoint is never listed or restored."""
 
   def __init__(self, workdir: str, keep: int):
     import orbax.checkpoint as ocp
     self._ocp = ocp
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    # COMMIT_FILE: a step counts only once its commit_success.txt exists, also on file
+    # systems (or copies) where a directory rename is not atomic.
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, create=True))
+            max_to_keep=keep, enable_async_checkpointing=True, create=True,
+            atomicity_options=ocp.options.AtomicityOptions(
+                mode=ocp.options.AtomicityMode.COMMIT_FILE)))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -465,6 +469,29 @@ class MetricsWriter:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), step)
       self._tb.flush()
+
+  def truncate_after(self, step: int):
+    """Drops records of steps after `step` (a resumed run logs them again)."""
+    if not self.enabled or not os.path.isfile(self.path):
+      return
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
+
+  def last_record(self) -> dict:
+    """The last train record's metrics (for reporting a finished run), or {}."""
+    if not os.path.isfile(self.path):
+      return {}
+    with open(self.path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in records if r.get("split") == "train"]
+    if not train:
+      return {}
+    return {k: v for k, v in train[-1].items() if k not in ("step", "split", "time")}
 
   def close(self):
     if self._tb is not None:

@@ -29,6 +29,7 @@ from fspad_jax import data as data_lib
 from fspad_jax import train_lib
 from fspad_jax.config import ConfigError, load_hf_config
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft, draft_config_from_target
+from fspad_jax.hf_checkpoint import resolve_model_dir
 from fspad_jax.sharding import ShardingError, ShardingRules, host_to_global, make_mesh
 from fspad_jax.target import Target
 
@@ -54,8 +55,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.draft.kind not in DRAFT_KINDS:
     raise ConfigError(f"config key draft.kind={config.draft.kind!r}: expected one of "
                       f"{', '.join(DRAFT_KINDS)}")
-  if not config.target.path:
-    raise ConfigError("config key target.path is empty: pass --config.target.path=DIR")
+  config.target.path = resolve_model_dir(config.target.path, "target.path")
   if not os.path.isfile(os.path.join(config.target.path, "config.json")):
     raise ConfigError(f"config key target.path={config.target.path!r}: not a model "
                       "directory (no config.json)")
@@ -182,12 +182,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
           "draft_config": dataclasses.asdict(setup.draft_cfg),
           "target_path": os.path.abspath(config.target.path)}
   latest = ckpt.latest_step()
+  writer = train_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
   if latest is not None:
     state, data_state, saved_meta = ckpt.restore(latest, abstract_state, shardings)
     if saved_meta.get("draft_config", {}).get("kind") != setup.draft_cfg.kind:
       raise ConfigError(f"{ckpt.directory} holds a {saved_meta['draft_config']['kind']!r} "
                         f"draft, but draft.kind={setup.draft_cfg.kind!r}: use another workdir")
-    batches.set_state(data_state)
+    _warn_on_changed_schedule(saved_meta.get("config", {}).get("train", {}), t)
+    try:
+      batches.set_state(data_state)
+    except ValueError as e:
+      raise ConfigError(f"{ckpt.directory}: {e}: resume with the run's data settings or "
+                        "use another workdir") from None
+    writer.truncate_after(latest)  # steps logged after the checkpoint are redone
     logger.info("resumed from %s step %d", ckpt.directory, latest)
   else:
     state = train_lib.init_train_state(setup, t.seed)
@@ -195,13 +202,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     with open(os.path.join(workdir, "draft_config.json"), "w") as f:
       json.dump(dataclasses.asdict(setup.draft_cfg), f, indent=2)
 
-  writer = train_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
   peak = _peak_flops(t.peak_flops_per_device)
   flops = train_lib.flops_per_step(target.cfg, setup.draft_cfg, t.global_batch * seq, seq)
   start_step = int(jax.device_get(state.step))
   bar = tqdm(total=t.steps, initial=start_step, disable=not progress or jax.process_index(),
              desc=f"train {setup.draft_cfg.kind}", unit="step")
-  last = {}
+  last = writer.last_record() if start_step >= t.steps else {}  # rerun of a finished run
   window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
   with train_lib.PreemptionFlag() as preempt:
     step = start_step
@@ -245,3 +251,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   writer.close()
   return last
 
+
+
+# Train settings that shape the optimization: changing them on resume changes the run.
+_SCHEDULE_KEYS = ("steps", "learning_rate", "warmup_steps", "decay", "grad_accum",
+                  "global_batch", "b1", "b2", "weight_decay", "clip", "clip_value")
+
+
+def _warn_on_changed_schedule(saved: dict, current) -> None:
+  changed = {k: (saved[k], current[k]) for k in _SCHEDULE_KEYS
+             if k in saved and saved[k] != current[k]}
+  if changed:
+    logger.warning("resuming with changed train settings %s (saved, now): the learning-rate "
+                   "schedule and optimizer continue under the new values", changed)
