@@ -29,8 +29,10 @@ import ml_collections
 def target_config() -> ml_collections.ConfigDict:
   """The frozen target (a Hugging Face model directory, or a cached repo id for decoding)."""
   c = ml_collections.ConfigDict()
-  c.path = "meta-llama/Meta-Llama-3-70B-Instruct"  # train.py needs a local model directory
+  c.path = "meta-llama/Meta-Llama-3-70B-Instruct"  # local dir or cached HF repo id
   c.dtype = "bfloat16"  # float32 | bfloat16
+  # '' = the tokenizer's own; or a name in hf_checkpoint.CHAT_TEMPLATES / .jinja / Jinja
+  c.chat_template = ""
   return c
 
 

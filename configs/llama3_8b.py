@@ -9,9 +9,8 @@
 
 target.path is a local model directory, or a repo id already in the Hugging Face cache.
 
-Training the FSPAD head (ShareGPT, ~68k dialogues; data.path is required, and train.py
-needs target.path to be a local model directory), one preset per hardware (the mesh;
-everything else is the same recipe):
+Training the FSPAD head (ShareGPT, ~68k dialogues; data.path is required), one preset per
+hardware (the mesh; everything else is the same recipe):
 
   python train.py --config=configs/llama3_8b.py:gpu8 \
     --config.target.path=/ckpt/Meta-Llama-3-8B-Instruct \
@@ -34,6 +33,8 @@ def target_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.path = "meta-llama/Meta-Llama-3-8B-Instruct"  # local dir or cached HF repo id
   c.dtype = "bfloat16"  # float32 | bfloat16
+  # '' = the tokenizer's own; or a name in hf_checkpoint.CHAT_TEMPLATES / .jinja / Jinja
+  c.chat_template = ""
   return c
 
 

@@ -20,6 +20,8 @@ def target_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.path = ""  # required: --config.target.path=DIR
   c.dtype = "float32"  # float32 | bfloat16
+  # '' = the tokenizer's own; or a name in hf_checkpoint.CHAT_TEMPLATES / .jinja / Jinja
+  c.chat_template = ""
   return c
 
 

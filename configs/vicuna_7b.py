@@ -15,10 +15,9 @@ Expected runtime (estimated, not measured: train_lib.flops_per_step gives ~5.7e1
 step of 16 x 2048 tokens; at 40% MFU): ~0.18 s/step, ~4.5 h for 85k steps on 8x H100 80GB;
 ~0.45 s/step, ~11 h on v5e-16; ~0.33 s/step, ~8 h on v4-32.
 
-The data is rendered with the tokenizer's chat template. lmsys/vicuna-7b-v1.5 ships none:
-set one first (Vicuna v1.1 format: "<system> USER: {user} ASSISTANT: {reply}</s>"), e.g.
-`tok.chat_template = ...; tok.save_pretrained(dir)` with transformers, or every dialogue
-is rejected as render_error.
+The data is rendered with a chat template. lmsys/vicuna-7b-v1.5 ships none, so
+target.chat_template selects FastChat's Vicuna v1.1 format built into fspad_jax
+("<system> USER: {user} ASSISTANT: {reply}</s>"); decoding uses the same template.
 """
 
 import ml_collections
@@ -27,8 +26,10 @@ import ml_collections
 def target_config() -> ml_collections.ConfigDict:
   """The frozen target (a Hugging Face model directory, or a cached repo id for decoding)."""
   c = ml_collections.ConfigDict()
-  c.path = "lmsys/vicuna-7b-v1.5"  # train.py needs a local model directory
+  c.path = "lmsys/vicuna-7b-v1.5"  # a local directory, or a repo id in the local HF cache
   c.dtype = "bfloat16"  # float32 | bfloat16
+  # Vicuna v1.5 ships no chat template: FastChat's vicuna_v1.1 conversation format
+  c.chat_template = "vicuna_v1.1"
   return c
 
 

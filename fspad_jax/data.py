@@ -478,20 +478,23 @@ def read_report(builder_dir: str) -> dict:
 
 
 def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: str,
-                    val_fraction: float = 0.02) -> tuple[str, dict]:
+                    val_fraction: float = 0.02, chat_template: str = "") -> tuple[str, dict]:
   """Tokenizes a ShareGPT file once into array_record files; returns (builder_dir, report).
 
   The report: {"records": conversations parsed, "train"/"validation": examples written,
   "truncated": examples cut to max_len, "bad": {kind: {"count", "lines", "detail"}},
   "reused": whether an existing preparation was returned}. It is logged and stored as
   prepare_report.json beside the data. Run it on one process; readers then open
-  builder_dir from any process."""
+  builder_dir from any process. chat_template: see hf_checkpoint.load_tokenizer."""
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2, got {max_len}")
   from fspad_jax.hf_checkpoint import load_tokenizer
-  tokenizer = load_tokenizer(tokenizer_dir)
+  tokenizer = load_tokenizer(tokenizer_dir, chat_template)
+  if not getattr(tokenizer, "chat_template", None):
+    raise DataError(f"the tokenizer in {tokenizer_dir} has no chat template: set "
+                    "target.chat_template (e.g. 'vicuna_v1.1', a .jinja file or a template)")
   builder_dir = prepared_dir_for(data_path, tokenizer, max_len, out_dir, val_fraction)
   if os.path.exists(os.path.join(builder_dir, REPORT_FILE)):
     report = {**read_report(builder_dir), "reused": True}

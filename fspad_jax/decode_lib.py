@@ -337,7 +337,7 @@ class DecodeEngine:
     self.cfg, self.graphdef, self.params = load_target(self.model_dir, self.mesh, self.rules,
                                                        dtype)
     try:
-      self.tokenizer = load_tokenizer(self.model_dir)
+      self.tokenizer = load_tokenizer(self.model_dir, _get(config, "target.chat_template", ""))
       self.tokenizer_error = None
     except CheckpointError as e:  # token-id inputs still work
       self.tokenizer, self.tokenizer_error = None, str(e)

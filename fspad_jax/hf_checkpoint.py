@@ -253,10 +253,38 @@ def resolve_model_dir(path: str, key: str = "target.path") -> str:
                     f"local Hugging Face cache)")
 
 
-def load_tokenizer(model_dir: str):
-  """The tokenizer (and chat template) saved beside the weights, without network access."""
+# Chat templates for checkpoints that ship without one (config key target.chat_template).
+CHAT_TEMPLATES = {
+    # FastChat's "vicuna_v1.1" conversation, as Vicuna v1.1/v1.3/v1.5 were trained.
+    "vicuna_v1.1": (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set turns = messages[1:] %}{% else %}{% set system = 'A chat between a curious "
+        "user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user\\'s questions.' %}{% set turns = messages %}"
+        "{% endif %}{{ bos_token }}{{ system }} {% for m in turns %}{% if m['role'] == 'user' %}"
+        "USER: {{ m['content'] }} {% else %}ASSISTANT: {{ m['content'] }}{{ eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"),
+}
+
+
+def load_tokenizer(model_dir: str, chat_template: str = ""):
+  """The tokenizer (and chat template) saved beside the weights, without network access.
+
+  chat_template: '' keeps the tokenizer's own; a name in CHAT_TEMPLATES, a path to a
+  .jinja file, or a Jinja string replaces it."""
   from transformers import AutoTokenizer
   try:
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{model_dir}: no usable tokenizer ({e})") from None
+  if chat_template:
+    if chat_template in CHAT_TEMPLATES:
+      chat_template = CHAT_TEMPLATES[chat_template]
+    elif os.path.isfile(chat_template):
+      with open(chat_template) as f:
+        chat_template = f.read()
+    elif "{%" not in chat_template and "{{" not in chat_template:
+      raise ConfigError(f"chat template {chat_template!r}: not a known name "
+                        f"({', '.join(CHAT_TEMPLATES)}), a file, or a Jinja template")
+    tokenizer.chat_template = chat_template
+  return tokenizer

@@ -115,7 +115,8 @@ def prepare_data(config, workdir: str) -> str:
   if jax.process_index() == 0:
     builder_dir, report = data_lib.prepare_dataset(
         config.data.path, config.target.path, config.data.max_len, out_dir,
-        val_fraction=config.data.val_fraction)
+        val_fraction=config.data.val_fraction,
+        chat_template=config.target.get("chat_template", ""))
     logger.info("prepared data in %s: %s", builder_dir, json.dumps(report))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -123,7 +124,8 @@ def prepare_data(config, workdir: str) -> str:
   if jax.process_index() != 0:
     builder_dir, _ = data_lib.prepare_dataset(
         config.data.path, config.target.path, config.data.max_len, out_dir,
-        val_fraction=config.data.val_fraction)
+        val_fraction=config.data.val_fraction,
+        chat_template=config.target.get("chat_template", ""))
   return builder_dir
 
 

