@@ -13,31 +13,46 @@ trained on the train split; the target is a Llama-3-shaped decoder (GQA, RoPE th
 train split; then eagle / fspad / fs_only / pad_only drafts with identical data, steps and
 seeds; then decoding at T=0 and T=1 on MT-bench (both turns) and held-out ShareGPT.
 
-Sizing (CPU numbers measured on the shared 2-core dev machine, float32; GPU projected):
-  pretraining throughput of fspad_jax.pretrain, real tokens/s (padding excluded):
-    d=64,  2 layers, vocab 8192, len 256, batch 8:   ~4.8k tok/s   (1.1 M params)
-    d=128, 2 layers, vocab 8192, len 256, batch 16:  ~3.1k tok/s   (2.5 M params, ~30 GFLOP/s)
-    d=256, 4 layers, vocab 8192, len 512, batch 16:  ~1.2k tok/s   (7.7 M params, ~60 GFLOP/s;
-                                                      1.6k padded tok/s)
-  * demo (~10 min on 2 CPU cores, run_demo.sh): d=128 x 2 layers, 4 heads / 2 KV heads,
-    vocab 8192, 120 steps x 16 x 256 (~0.45 M real tokens, ~2.5 min). 4 drafts x 60
-    steps, 3 MT-bench questions (6 turns) + 3 ShareGPT prompts, 32 new tokens. The target
-    is barely trained (validation loss ~6): the demo checks the machinery, not the numbers.
-  * mini (<= 30 min on 2 CPU cores): d=256 x 4 layers, 4 heads / 2 KV heads (head_dim 64),
-    d_ff 896, vocab 8192, 220 steps x 16 x 384 (~1.3 M tokens, ~15 min at ~1.5k tok/s);
-    4 drafts x 100 steps x 8 x 384 (~2 min each); 8 MT-bench questions + 8 ShareGPT
-    prompts, 64 new tokens (~4 min of decoding incl. compilation).
-  * small (one H100, bf16; PROJECTED, not measured): d=768 x 8 layers, 12 heads / 4 KV
-    heads, d_ff 2688, vocab 16384 (87 M params, ~0.49 GFLOP per training token at len
-    1024). At an assumed 150 TFLOP/s (19% of the ~790 TFLOP/s bf16 peak measured on the lent
-    H100; the attention here is the plain einsum form) that is ~300k tok/s: 800 steps x 64 x
-    1024 (52 M padded tokens, ~1.8 epochs of the ~29 M-token train split) in ~3 min. Drafts:
-    4 x 300 steps x 32 x 1024 (~0.33 GFLOP/token: target forward + draft step) ~40 s
-    each with compilation. Eval: 24 MT-bench questions (48 turns) + 24 ShareGPT prompts,
-    128 new tokens, batch 8, EAGLE-2 tree (depth 6, top-k 10, 60 nodes): ~2-4 min.
-    Calibrate first: `--stages=data,tokenizer,pretrain --config.pretrain.steps=30` prints
-    the measured tokens/s (metrics in <workdir>/pretrain/metrics.jsonl); --max_minutes=9
-    keeps every command under 10 minutes (stages resume from checkpoints).
+Sizing. CPU numbers were measured on the shared 2-core dev machine (float32, other jobs
+running beside, so +-30%); the H100 numbers are PROJECTED, not measured.
+  Pretraining throughput of fspad_jax.pretrain (real tokens/s, padding excluded):
+    d=64,  2 layers, vocab 1024, len 128, batch 8:   24k-46k tok/s  (0.2 M params)
+    d=64,  2 layers, vocab 8192, len 256, batch 8:   ~4.8k tok/s    (1.1 M params)
+    d=128, 2 layers, vocab 8192, len 256, batch 16:  3.1k-4.8k tok/s (2.5 M params, 30-45
+                                                     GFLOP/s of model FLOPs)
+    d=256, 4 layers, vocab 8192, len 512, batch 16:  ~1.2k tok/s    (7.7 M params, ~60
+                                                     GFLOP/s; 1.6k padded tok/s)
+  Draft training (trainer.train, fspad): d=128 target, batch 4 x 256: ~0.6 s/step; d=256 x
+  4 layers target, batch 4 x 384: ~1.3 s/step.
+
+  * demo (measured: 6.5-7.5 min on 2 CPU cores: data 1 s, tokenizer 2 s, pretraining
+    103-128 s, drafts 4 x ~42 s, decoding 16 runs in 100-170 s). d=128 x 2 layers, 4 heads
+    / 2 KV heads, d_ff 448, vocab 8192; 120 steps x 16 x 256 (~0.45 M real tokens):
+    validation loss 5.9 (ppl ~370), so the target mostly babbles frequent tokens; drafts
+    50 steps x 4 x 256;
+    3 MT-bench questions (6 turns) + 3 ShareGPT prompts, 32 new tokens, tree depth 4 /
+    top-k 4 / 12 nodes. Measured there at T=0: tau ~3.3-3.5 for fspad and fs_only, ~2.0 for
+    eagle and pad_only; greedy outputs identical to vanilla; on a CPU the tree step costs
+    more than it saves (speedup ~0.2-0.3x). The demo checks the machinery, not the paper.
+  * mini (projected from those: ~27 min on 2 CPU cores). d=256 x 4 layers, 4 heads / 2 KV
+    heads (head_dim 64), d_ff 896, vocab 8192; 150 steps x 16 x 384 (~0.9 M padded tokens,
+    ~8.5 min at ~1.8k padded tok/s); drafts 4 x 80 steps x 4 x 384 (~2.4 min each); 8
+    MT-bench questions + 8 ShareGPT prompts, 64 new tokens (~7 min of decoding, mostly
+    compilation).
+  * small (one H100, bf16; PROJECTED). d=768 x 8 layers, 12 heads / 4 KV heads, d_ff 2688,
+    vocab 16384 (87 M params, ~0.49 GFLOP per training token at len 1024). At an assumed
+    150 TFLOP/s (19% of the ~790 TFLOP/s bf16 matmul peak measured on the lent H100; the
+    attention is the plain einsum form, scores materialized) that is ~300k tok/s: 800 steps
+    x 64 x 1024 (52 M padded tokens, ~1.8 epochs of the ~29 M-token train split) in ~3 min.
+    Drafts: 4 x 300 steps x 32 x 1024 (~0.33 GFLOP/token: target forward + draft step),
+    ~40 s each with compilation. Eval: 24 MT-bench questions (48 turns) + 24 ShareGPT
+    prompts, 128 new tokens, batch 8, EAGLE-2 tree (depth 6, top-k 10, 60 nodes): ~3 min.
+    Data preparation (rendering + tokenizing ~41k chunks, single-threaded; measured here at
+    ~1.5 M characters/s) adds ~1.5 min of CPU time. Calibrate first with
+    `--stages=data,tokenizer,pretrain --config.pretrain.steps=30` (tokens/s in
+    <workdir>/pretrain/metrics.jsonl), then set pretrain.steps for the budget.
+    --max_minutes=9 keeps every command under 10 minutes (pretraining and drafts resume
+    from their checkpoints; rerun the same command).
 """
 
 import ml_collections
@@ -105,18 +120,20 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
   })
 
 
-def _eval(mtbench: int, sharegpt: int, max_new: int, batch: int, depth: int, top_k: int,
-          total: int) -> ml_collections.ConfigDict:
+def _eval(mtbench: int, sharegpt: int, max_prompt: int, max_new: int, batch: int, depth: int,
+          top_k: int, total: int) -> ml_collections.ConfigDict:
   """Decoding runs: every draft kind x temperature x dataset, with compare-vanilla."""
   return ml_collections.ConfigDict({
       "datasets": ("mtbench", "sharegpt"),
       "temperatures": (0.0, 1.0),
       "mtbench_questions": mtbench,  # spread over the 8 categories; 0 = all 80
       "sharegpt_prompts": sharegpt,  # held-out first user turns
-      "max_prompt_tokens": 384,  # held-out prompts longer than this are skipped
+      "max_prompt_tokens": max_prompt,  # longer held-out prompts are skipped (keep
+      #                                   prompt + max_new_tokens within the trained length)
       "max_new_tokens": max_new, "batch_size": batch,
       "tree_depth": depth, "tree_top_k": top_k, "total_tokens": total,
       "dtype": "float32",  # target dtype at decode: float32 keeps greedy checks exact
+      "matmul_precision": "highest",  # jax.default_matmul_precision while decoding
       "seed": 0, "compare_vanilla": True,
   })
 
@@ -133,19 +150,19 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.target = _target(128, 2, 4, 2, 448)
     c.pretrain = _pretrain(120, 16, 256, 3e-3, "float32")
     c.drafts = _drafts(50, 4, 256, 3e-3, "float32", depths=4, eval_batches=2)
-    c.eval = _eval(3, 3, 32, 4, depth=4, top_k=4, total=12)
+    c.eval = _eval(3, 3, 192, 32, 4, depth=4, top_k=4, total=12)
   elif preset == "mini":
     c.data = _data(max_train=6000, max_heldout=200, chunk_chars=1400)
     c.tokenizer = ml_collections.ConfigDict({"vocab_size": 8192, "corpus_records": 0})
     c.target = _target(256, 4, 4, 2, 896)
     c.pretrain = _pretrain(150, 16, 384, 2e-3, "float32")
-    c.drafts = _drafts(60, 8, 384, 2e-3, "float32", eval_batches=2)
-    c.eval = _eval(8, 8, 64, 4, depth=5, top_k=4, total=16)
+    c.drafts = _drafts(80, 4, 384, 2e-3, "float32", eval_batches=2)
+    c.eval = _eval(8, 8, 288, 64, 4, depth=5, top_k=4, total=16)
   else:  # small: one H100
     c.data = _data(max_train=0, max_heldout=0, chunk_chars=3600)
     c.tokenizer = ml_collections.ConfigDict({"vocab_size": 16384, "corpus_records": 0})
     c.target = _target(768, 8, 12, 4, 2688)
     c.pretrain = _pretrain(800, 64, 1024, 1e-3, "bfloat16")
     c.drafts = _drafts(300, 32, 1024, 5e-4, "bfloat16")
-    c.eval = _eval(24, 24, 128, 8, depth=6, top_k=10, total=60)
+    c.eval = _eval(24, 24, 768, 128, 8, depth=6, top_k=10, total=60)
   return c

