@@ -219,10 +219,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       state, metrics = step_fn(state, target.params, _place_batch(setup, batch, micro=True))
       step += 1
       window_steps += 1
+      window_tokens += float(np.sum(batch["length"]))  # real (unpadded) tokens
       bar.update(1)
+      reset_window = step == start_step + 1  # the first step includes compilation
       if step % t.log_every == 0 or step == t.steps:
         metrics = jax.tree.map(float, jax.device_get(metrics))
-        window_tokens += metrics["tokens"]
         dt = time.perf_counter() - window_start
         metrics["tokens_per_s"] = window_tokens / dt
         metrics["padded_tokens_per_s"] = window_steps * t.global_batch * seq / dt
@@ -236,23 +237,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", top1=f"{metrics['top1_depth1']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
         last = metrics
-        window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+        reset_window = True
       if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
         ev = evaluate(setup, agreement_fn, state.params, prepared, t.eval_batch_size,
                       t.eval_batches, t.depths)
         if ev:
           writer.write(step, "eval", ev)
           last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
+        reset_window = True
       if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
         ckpt.save(step, state, batches.get_state(), meta)
       if preempt.requested:
         logger.warning("preempted at step %d: checkpoint saved", step)
         break
+      if reset_window:  # throughput windows time training steps only
+        jax.block_until_ready(state)
+        window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
   bar.close()
   ckpt.close()
   writer.close()
   return last
-
 
 
 # Train settings that shape the optimization: changing them on resume changes the run.
