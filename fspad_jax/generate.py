@@ -119,6 +119,30 @@ def generate(model: Transformer, prompt: Array, prompt_lengths: Array, rng: Arra
   return GenerateOutput(tokens, num, reason.astype(jnp.int32))
 
 
+def prompt_shardings(mesh, rules: ShardingRules, batch: int
+                     ) -> tuple[NamedSharding, NamedSharding]:
+  """(prompt [batch, seq], lengths [batch]) shardings: batch over the data axes."""
+  return (rules.sharding(mesh, LOGICAL_LAYOUTS["act_tokens"], (batch, 1)),
+          rules.sharding(mesh, LOGICAL_LAYOUTS["batch_vector"], (batch,)))
+
+
+def place_prompts(prompt: np.ndarray, lengths: np.ndarray, seed: int, mesh,
+                  rules: ShardingRules) -> tuple[Array, Array, Array]:
+  """Checks right-padded prompts and places (prompt, lengths, PRNG key data) on the mesh,
+  from every process alike."""
+  prompt = np.asarray(prompt, np.int32)
+  lengths = np.asarray(lengths, np.int32)
+  if prompt.ndim != 2 or lengths.shape != prompt.shape[:1]:
+    raise ValueError(f"prompt must be [batch, seq] and lengths [batch], got {prompt.shape} "
+                     f"and {lengths.shape}")
+  if lengths.min() < 1 or lengths.max() > prompt.shape[1]:
+    raise ValueError(f"prompt lengths must be in 1..{prompt.shape[1]}, got {lengths.tolist()}")
+  tok_sh, vec_sh = prompt_shardings(mesh, rules, prompt.shape[0])
+  rng = np.asarray(jax.random.key_data(jax.random.key(seed)))
+  return (host_to_global(prompt, tok_sh), host_to_global(lengths, vec_sh),
+          host_to_global(rng, replicated(mesh)))
+
+
 class VanillaGenerator:
   """Compiled vanilla generation for one (graphdef, params, mesh); reusable across calls.
 
@@ -132,17 +156,12 @@ class VanillaGenerator:
     self.rules = rules or ShardingRules()
     self._compiled = {}
 
-  def input_shardings(self, batch: int) -> tuple[NamedSharding, NamedSharding]:
-    """(prompt [batch, seq], lengths [batch]) shardings: batch over the data axes."""
-    return (self.rules.sharding(self.mesh, LOGICAL_LAYOUTS["act_tokens"], (batch, 1)),
-            self.rules.sharding(self.mesh, LOGICAL_LAYOUTS["batch_vector"], (batch,)))
-
   def _fn(self, options: GenerateOptions, batch: int):
     key = (options, batch)
     if key not in self._compiled:
       mesh, rules, graphdef = self.mesh, self.rules, self.graphdef
       param_sh = jax.tree.map(lambda x: x.sharding, self.params)
-      tok_sh, vec_sh = self.input_shardings(batch)
+      tok_sh, vec_sh = prompt_shardings(mesh, rules, batch)
       rep = replicated(mesh)
 
       def run(params, prompt, lengths, rng_data):
@@ -158,19 +177,11 @@ class VanillaGenerator:
   def __call__(self, prompt: np.ndarray, lengths: np.ndarray, options: GenerateOptions,
                seed: int = 0) -> GenerateOutput:
     """prompt [batch, seq] right-padded int32, lengths [batch]. Returns numpy outputs."""
-    prompt = np.asarray(prompt, np.int32)
-    lengths = np.asarray(lengths, np.int32)
-    if lengths.min() < 1:
-      raise ValueError("every prompt needs at least one token")
-    need = int(lengths.max()) + options.max_new_tokens
-    if need > options.cache_len or prompt.shape[1] > options.cache_len:
+    placed = place_prompts(prompt, lengths, seed, self.mesh, self.rules)
+    need = int(np.max(lengths)) + options.max_new_tokens
+    if need > options.cache_len or np.shape(prompt)[1] > options.cache_len:
       raise ValueError(
-          f"cache_len={options.cache_len} is too small for prompts of {int(lengths.max())} "
+          f"cache_len={options.cache_len} is too small for prompts of {int(np.max(lengths))} "
           f"tokens plus max_new_tokens={options.max_new_tokens} (needs {need})")
-    batch = prompt.shape[0]
-    fn = self._fn(options, batch)
-    tok_sh, vec_sh = self.input_shardings(batch)
-    rng = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    out = fn(self.params, host_to_global(prompt, tok_sh), host_to_global(lengths, vec_sh),
-             host_to_global(rng, replicated(self.mesh)))
+    out = self._fn(options, np.shape(prompt)[0])(self.params, *placed)
     return GenerateOutput(*(to_host(x) for x in out))

@@ -42,11 +42,11 @@ from flax import nnx
 
 from fspad_jax import tree as tree_lib
 from fspad_jax.draft import Draft
-from fspad_jax.generate import FINISH_LENGTH, FINISH_STOP, is_stop, prefill
+from fspad_jax.generate import (FINISH_LENGTH, FINISH_STOP, is_stop, place_prompts, prefill,
+                                prompt_shardings)
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
 from fspad_jax.sampling import SamplingParams, sample_tokens
-from fspad_jax.sharding import (LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated,
-                                to_host)
+from fspad_jax.sharding import ShardingRules, replicated, to_host
 
 Array = jax.Array
 
@@ -308,15 +308,11 @@ class SpeculativeGenerator:
     self.mesh, self.rules = mesh, rules or ShardingRules()
     self._compiled = {}
 
-  def _shardings(self, batch):
-    return (self.rules.sharding(self.mesh, LOGICAL_LAYOUTS["act_tokens"], (batch, 1)),
-            self.rules.sharding(self.mesh, LOGICAL_LAYOUTS["batch_vector"], (batch,)))
-
   def _fn(self, options: SpecOptions, batch: int):
     key = (options, batch)
     if key not in self._compiled:
       tg, dg = self.target_graphdef, self.draft_graphdef
-      tok_sh, vec_sh = self._shardings(batch)
+      tok_sh, vec_sh = prompt_shardings(self.mesh, self.rules, batch)
       rep = replicated(self.mesh)
 
       def run(target_params, draft_params, prompt, lengths, rng_data):
@@ -334,19 +330,12 @@ class SpeculativeGenerator:
 
   def __call__(self, prompt: np.ndarray, lengths: np.ndarray, options: SpecOptions,
                seed: int = 0) -> SpecOutput:
-    prompt = np.asarray(prompt, np.int32)
-    lengths = np.asarray(lengths, np.int32)
-    if lengths.min() < 1:
-      raise ValueError("every prompt needs at least one token")
-    if prompt.shape[1] > options.cache_len:
-      raise ValueError(f"prompts of {prompt.shape[1]} tokens do not fit cache_len="
+    """prompt [batch, seq] right-padded int32, lengths [batch]. Returns numpy outputs."""
+    if np.shape(prompt)[1] > options.cache_len:
+      raise ValueError(f"prompts of {np.shape(prompt)[1]} tokens do not fit cache_len="
                        f"{options.cache_len}")
-    batch = prompt.shape[0]
-    fn = self._fn(options, batch)
-    tok_sh, vec_sh = self._shardings(batch)
-    rng = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    out = fn(self.target_params, self.draft_params, host_to_global(prompt, tok_sh),
-             host_to_global(lengths, vec_sh), host_to_global(rng, replicated(self.mesh)))
+    placed = place_prompts(prompt, lengths, seed, self.mesh, self.rules)
+    out = self._fn(options, np.shape(prompt)[0])(self.target_params, self.draft_params, *placed)
     return SpecOutput(*(to_host(x) for x in out))
 
 
