@@ -35,7 +35,7 @@ from decode_bench import SHAPES, measure_bandwidth, timeit, tree_bytes  # noqa: 
 
 from fspad_jax import speculative as spec  # noqa: E402
 from fspad_jax.draft import draft_config_from_target, init_draft  # noqa: E402
-from fspad_jax.model import KVCache, init_model  # noqa: E402
+from fspad_jax.model import init_model  # noqa: E402
 
 
 def main():

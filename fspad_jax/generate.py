@@ -7,7 +7,6 @@ the whole decode loop on device (`lax.while_loop`), with no host round-trip per 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -16,7 +15,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from fspad_jax.config import ModelConfig
 from fspad_jax.model import KVCache, Transformer
 from fspad_jax.sampling import SamplingParams, sample_tokens
 from fspad_jax.sharding import (LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated,

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from fspad_jax.config import ConfigError, ModelConfig, load_hf_config
-from fspad_jax.model import Transformer, abstract_model
+from fspad_jax.model import abstract_model
 from fspad_jax.safetensors_io import TensorIndex, write_safetensors
 from fspad_jax.sharding import ShardingRules, to_host
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -34,11 +33,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fspad_jax.config import ConfigError, ModelConfig
+from fspad_jax.config import ModelConfig
 from fspad_jax.draft import Draft, DraftConfig, abstract_draft, init_draft
 from fspad_jax.hf_checkpoint import param_shardings
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
-from fspad_jax.sharding import LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated
+from fspad_jax.sharding import ShardingRules, replicated
 
 logger = logging.getLogger(__name__)
 Array = jax.Array
@@ -205,7 +204,6 @@ def _cast(tree, dtype):
 
 def init_train_state(setup: TrainSetup, seed: int) -> TrainState:
   """Random float32 draft params and optimizer state, created directly in their shardings."""
-  params_sh = setup.draft_param_shardings()
   master_cfg = setup.draft_cfg.replace(dtype="float32")
 
   def init():

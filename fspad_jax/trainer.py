@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 
@@ -27,10 +26,10 @@ from tqdm import tqdm
 
 from fspad_jax import data as data_lib
 from fspad_jax import train_lib
-from fspad_jax.config import ConfigError, load_hf_config
+from fspad_jax.config import ConfigError
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft, draft_config_from_target
 from fspad_jax.hf_checkpoint import resolve_model_dir
-from fspad_jax.sharding import ShardingError, ShardingRules, host_to_global, make_mesh
+from fspad_jax.sharding import ShardingError, host_to_global, make_mesh
 from fspad_jax.target import Target
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from fspad_jax import data as data_lib

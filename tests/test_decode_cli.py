@@ -5,7 +5,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -12,8 +12,8 @@ from scipy import stats
 
 from fspad_jax.config import ModelConfig, RopeConfig
 from fspad_jax.draft import draft_config_from_target, init_draft
-from fspad_jax.generate import FINISH_LENGTH, FINISH_STOP, GenerateOptions, VanillaGenerator
-from fspad_jax.model import KVCache, init_model
+from fspad_jax.generate import GenerateOptions, VanillaGenerator
+from fspad_jax.model import init_model
 from fspad_jax.sampling import SamplingParams, processed_probs
 from fspad_jax.sharding import make_mesh
 from fspad_jax.speculative import (FINISH_CACHE_FULL, SpecOptions, SpeculativeGenerator,
@@ -151,7 +151,6 @@ def trained_draft(tmp_path_factory):
   """A tiny HF target and an fspad draft trained on it by the training pipeline."""
   from fspad_jax import trainer
   from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_conversations
-  import ml_collections
   import importlib.util
   root = tmp_path_factory.mktemp("trained")
   model_dir = make_tiny_checkpoint(str(root / "model"))
