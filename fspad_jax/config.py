@@ -182,15 +182,21 @@ def load_hf_config(model_dir: str, dtype: str = "float32") -> ModelConfig:
   """Reads `<model_dir>/config.json`; errors name the directory or file."""
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
-  path = os.path.join(model_dir, "config.json")
+  raw, path = read_config_json(model_dir, "model")
+  return parse_hf_config(raw, source=path, dtype=dtype)
+
+
+def read_config_json(directory: str, what: str) -> tuple[dict[str, Any], str]:
+  """(`<directory>/config.json` parsed, its path); errors say the directory is not a `what`
+  directory, or name the file with invalid JSON."""
+  path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
-    raise ConfigError(f"{model_dir!r} is not a model directory: it has no config.json")
+    raise ConfigError(f"{directory!r} is not a {what} directory: it has no config.json")
   try:
     with open(path) as f:
-      raw = json.load(f)
+      return json.load(f), path
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: invalid JSON ({e})") from None
-  return parse_hf_config(raw, source=path, dtype=dtype)
 
 
 def llama3_8b_config(dtype: str = "bfloat16") -> ModelConfig:

@@ -227,10 +227,16 @@ def init_draft_cache(cfg: DraftConfig, batch: int, max_len: int, dtype=None) -> 
   return KVCache.create(cfg.layer_config, batch, max_len, dtype)
 
 
+def draft_logits(target: Transformer, predict: Array) -> Array:
+  """The draft's token logits [..., vocab] (float32): the target's frozen LM head applied to
+  the draft's `predict` feature [..., embed], cast to the target's dtype."""
+  return target.logits(predict.astype(jnp.dtype(target.cfg.dtype)))
+
+
 def draft_step(draft: Draft, target: Transformer, features: Array, next_tokens: Array,
                positions: Array, cache: KVCache, block_mask: Array | None = None,
                write_slots: Array | None = None) -> tuple[Array, DraftOutput]:
   """Embeds `next_tokens` [batch, seq] with the target, runs the draft, and applies the
   target's LM head to `predict`. Returns (logits [batch, seq, vocab] float32, DraftOutput)."""
   out = draft(features, target.embed(next_tokens), positions, cache, block_mask, write_slots)
-  return target.logits(out.predict.astype(jnp.dtype(target.cfg.dtype))), out
+  return draft_logits(target, out.predict), out

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fspad_jax.config import ConfigError, ModelConfig, _parse_rope
+from fspad_jax.config import ConfigError, ModelConfig, _parse_rope, read_config_json
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft
 from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _linear,
                                      _stacked_linear, param_shardings)
@@ -287,14 +287,7 @@ def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: s
   the default `dtype` (else float32). mesh/rules: place params sharded by their logical axes
   (default: the default device).
   """
-  path = os.path.join(draft_dir, "config.json")
-  if not os.path.isfile(path):
-    raise ConfigError(f"{draft_dir!r} is not a draft directory: it has no config.json")
-  try:
-    with open(path) as f:
-      raw = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: invalid JSON ({e})") from None
+  raw, path = read_config_json(draft_dir, "draft")
   tensors = read_draft_tensors(draft_dir)
   if kind is None:
     kind = raw.get("draft_kind") or infer_draft_kind(tensors, int(raw.get("hidden_size", 0)))

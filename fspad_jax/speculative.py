@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from fspad_jax import tree as tree_lib
-from fspad_jax.draft import Draft
+from fspad_jax.draft import Draft, draft_logits
 from fspad_jax.generate import (FINISH_LENGTH, FINISH_STOP, is_stop, place_prompts, prefill,
                                 prompt_shardings)
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
@@ -110,8 +110,7 @@ class SpecOutput(NamedTuple):
 
 def _draft_logp(target: Transformer, predict: Array) -> Array:
   """Draft log-probs over the vocabulary from the draft's `predict` feature."""
-  logits = target.logits(predict.astype(jnp.dtype(target.cfg.dtype)))
-  return jax.nn.log_softmax(logits, axis=-1)
+  return jax.nn.log_softmax(draft_logits(target, predict), axis=-1)
 
 
 def draft_prefill(draft: Draft, target: Transformer, features: Array, prompt: Array,

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fspad_jax.config import ModelConfig
-from fspad_jax.draft import Draft, DraftConfig, abstract_draft, init_draft
+from fspad_jax.draft import Draft, DraftConfig, abstract_draft, draft_logits, init_draft
 from fspad_jax.hf_checkpoint import param_shardings
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
 from fspad_jax.sharding import ShardingRules, replicated
@@ -144,8 +144,7 @@ def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_
   w = tgt.weights  # [batch, seq]
   reg = jnp.mean(smooth_l1(regress.astype(jnp.float32), next_feats, loss_cfg.smooth_l1_beta),
                  axis=-1)  # [batch, seq]
-  draft_logp = jax.nn.log_softmax(target.logits(predict.astype(jnp.dtype(target.cfg.dtype))),
-                                  axis=-1)  # [batch, seq, vocab]
+  draft_logp = jax.nn.log_softmax(draft_logits(target, predict), axis=-1)  # [b, seq, vocab]
   cls = -jnp.sum(tgt.next_probs * draft_logp, axis=-1)  # [batch, seq]
   top1 = (jnp.argmax(draft_logp, -1) == tgt.next_token).astype(jnp.float32)
   sums = {"reg_sum": jnp.sum(reg * w), "cls_sum": jnp.sum(cls * w),
@@ -307,7 +306,7 @@ def make_agreement_fn(setup: TrainSetup, depths: int = 5, eval_loss: bool = True
       predict, regress, ck, cv = draft.layer(x, cache.k[0], cache.v[0],
                                              AttentionInputs(cos, sin, mask, slots))
       cache = cache.replace(k=(ck,), v=(cv,))
-      logits = target.logits(predict.astype(jnp.dtype(target.cfg.dtype)))  # [b, seq, vocab]
+      logits = draft_logits(target, predict)  # [batch, seq, vocab]
       valid = tgt.weights * ((j - k + 1) >= 0)[None].astype(jnp.float32)
       top3 = jax.lax.top_k(logits, 3)[1]  # [batch, seq, 3]
       hit1 = (top3[..., 0] == tgt.next_token).astype(jnp.float32)
