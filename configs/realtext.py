@@ -99,7 +99,7 @@ def _pretrain(steps: int, batch: int, max_len: int, lr: float, dtype: str
 
 
 def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths: int = 5,
-            eval_batches: int = 4) -> ml_collections.ConfigDict:
+            eval_batches: int = 4, eval_batch: int = 0) -> ml_collections.ConfigDict:
   """Draft training (fspad_jax.trainer.train); identical for every kind."""
   return ml_collections.ConfigDict({
       "kinds": ("eagle", "fspad", "fs_only", "pad_only"),
@@ -114,14 +114,16 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
           "w_cls": 0.1, "noise": 0.2, "seed": 0,
           "depths": depths,  # top-1/top-3 agreement at draft depths 1..depths
           "log_every": max(steps // 2, 1), "eval_every": steps,  # validation at the end
-          "eval_batch_size": batch, "eval_batches": eval_batches,
+          # The agreement pass attends over (depths + 1) x max_len cached slots: its scores
+          # are eval_batch x heads x max_len x 6 max_len floats, hence a smaller batch.
+          "eval_batch_size": eval_batch or batch, "eval_batches": eval_batches,
           "checkpoint_every": max(steps // 2, 1),
           "keep_checkpoints": 2, "tensorboard": False, "peak_flops_per_device": 0.0},
   })
 
 
 def _eval(mtbench: int, sharegpt: int, max_prompt: int, max_new: int, batch: int, depth: int,
-          top_k: int, total: int) -> ml_collections.ConfigDict:
+          top_k: int, total: int, min_prompt_bucket: int = 64) -> ml_collections.ConfigDict:
   """Decoding runs: every draft kind x temperature x dataset, with compare-vanilla."""
   return ml_collections.ConfigDict({
       "datasets": ("mtbench", "sharegpt"),
@@ -131,6 +133,9 @@ def _eval(mtbench: int, sharegpt: int, max_prompt: int, max_new: int, batch: int
       "max_prompt_tokens": max_prompt,  # longer held-out prompts are skipped (keep
       #                                   prompt + max_new_tokens within the trained length)
       "max_new_tokens": max_new, "batch_size": batch,
+      # Prompts are padded to at least this length: one compiled shape per decoding engine
+      # instead of one per length bucket (compilation dominates small runs on a GPU).
+      "min_prompt_bucket": min_prompt_bucket,
       "tree_depth": depth, "tree_top_k": top_k, "total_tokens": total,
       "dtype": "float32",  # target dtype at decode: float32 keeps greedy checks exact
       "matmul_precision": "highest",  # jax.default_matmul_precision while decoding
@@ -163,6 +168,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict({"vocab_size": 16384, "corpus_records": 0})
     c.target = _target(768, 8, 12, 4, 2688)
     c.pretrain = _pretrain(800, 64, 1024, 1e-3, "bfloat16")
-    c.drafts = _drafts(300, 32, 1024, 5e-4, "bfloat16")
-    c.eval = _eval(24, 24, 768, 128, 8, depth=6, top_k=10, total=60)
+    c.drafts = _drafts(300, 32, 1024, 5e-4, "bfloat16", eval_batches=16, eval_batch=8)
+    c.eval = _eval(24, 24, 768, 128, 8, depth=6, top_k=10, total=60, min_prompt_bucket=768)
   return c

@@ -10,8 +10,8 @@ The library behind `decode.py`, usable from a notebook:
 Each input line holds an `id` and exactly one of `prompt` (raw text), `messages` (a chat),
 `turns` (user messages answered in sequence, MT-bench style) or `input_ids`. Prompts are
 decoded in batches of a static shape: `decode.batch_size` rows (a short batch is filled with
-copies of its first row, discarded), right-padded to a bucketed length, so that one compiled
-function serves every batch of a length bucket. Each output line is written whole, then
+copies of its first row, discarded), right-padded to a bucketed length (at least
+`decode.min_prompt_bucket`), so that one compiled function serves every batch of a bucket. Each output line is written whole, then
 flushed and fsync'ed; a rerun skips the ids already written and drops a partial last line.
 
 Decoding methods are looked up in `METHODS` by `decode.method`: "vanilla" (target only), and
@@ -94,6 +94,8 @@ class DecodeSettings:
   tree_depth: int = 6  # D (speculative methods)
   tree_top_k: int = 10  # K
   total_tokens: int = 60  # draft nodes verified per step
+  min_prompt_bucket: int = MIN_BUCKET  # smallest padded prompt length (one compile per
+  #                                      bucket: raise it to serve every prompt with one shape)
 
   @property
   def speculative(self) -> bool:
@@ -154,7 +156,7 @@ def _float(config, key: str, default=_REQUIRED) -> float:
 def decode_settings(config) -> DecodeSettings:
   """Validates config.decode; errors name the key. Optional keys: top_p (1.0), top_k (0),
   cache_len (0), stop_token_ids (()), seed (0), tree_depth (6), tree_top_k (10),
-  total_tokens (60)."""
+  total_tokens (60), min_prompt_bucket (64)."""
   method = _get(config, "decode.method")
   if method not in METHODS:
     raise DecodeError(f"config key decode.method={method!r} is not supported "
@@ -190,7 +192,8 @@ def decode_settings(config) -> DecodeSettings:
       method=method, sampling=sampling, max_new_tokens=max_new,
       batch_size=_int(config, "decode.batch_size", 1), cache_len=cache_len,
       stop_token_ids=tuple(int(s) for s in stops), seed=_int(config, "decode.seed", 0, 0),
-      tree_depth=depth, tree_top_k=tree_k, total_tokens=total)
+      tree_depth=depth, tree_top_k=tree_k, total_tokens=total,
+      min_prompt_bucket=_int(config, "decode.min_prompt_bucket", 1, MIN_BUCKET))
 
 
 def resolve_target_path(path: str) -> str:
@@ -415,7 +418,7 @@ class DecodeEngine:
   def batch_shape(self, max_prompt_len: int) -> tuple[int, int]:
     """(padded prompt length, cache length) for a batch whose longest prompt is given."""
     s = self.settings
-    padded = bucket_length(max_prompt_len)
+    padded = bucket_length(max_prompt_len, s.min_prompt_bucket)
     if s.cache_len:
       return min(padded, s.cache_len - s.max_new_tokens), s.cache_len
     # Speculative: prompt + max_new_tokens + one tree + one accepted run (cache_len_for).

@@ -509,7 +509,8 @@ def decode_config(ctx: Context, kind: str, temperature: float):
       "method": KIND_METHOD[kind], "temperature": float(temperature), "top_p": 1.0,
       "top_k": 0, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
       "cache_len": 0, "stop_token_ids": (), "seed": e.seed, "tree_depth": e.tree_depth,
-      "tree_top_k": e.tree_top_k, "total_tokens": e.total_tokens})
+      "tree_top_k": e.tree_top_k, "total_tokens": e.total_tokens,
+      "min_prompt_bucket": e.get("min_prompt_bucket", 64)})
   c.draft = ml_collections.ConfigDict({"path": ctx.paths.draft(kind), "kind": kind})
   return c
 

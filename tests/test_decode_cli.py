@@ -308,6 +308,10 @@ def test_batch_shapes(engine):
   fixed.settings = dataclasses.replace(engine.settings, cache_len=100)
   assert fixed.batch_shape(10) == (64, 100)
   assert fixed.batch_shape(70) == (100 - MAX_NEW, 100)  # the bucket capped by the cache
+  one_shape = copy.copy(engine)
+  one_shape.settings = dataclasses.replace(engine.settings, min_prompt_bucket=96)
+  assert one_shape.batch_shape(10) == one_shape.batch_shape(96) == (96, 128)
+  assert one_shape.batch_shape(97) == engine.batch_shape(97)  # longer: the next bucket
 
 
 def test_default_stop_ids_read_generation_config(tmp_path):
@@ -322,6 +326,7 @@ def test_default_stop_ids_read_generation_config(tmp_path):
     ("decode.temperature", -1.0, "temperature must be >= 0"),
     ("decode.max_new_tokens", 0, "decode.max_new_tokens"),
     ("decode.batch_size", "4", "decode.batch_size"),
+    ("decode.min_prompt_bucket", 0, r"decode.min_prompt_bucket=0: expected an integer >= 1"),
     ("target.path", "", "target.path is not set"),
     ("target.path", "/no/such/dir", "target.path='/no/such/dir'"),
 ])

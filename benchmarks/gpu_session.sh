@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (H100/H200, no network): the realtext `small` pipeline, then,
+# if it finished and time is left, the Llama-3-8B-shape benchmarks. Rerun the same command to
+# resume (pipeline units and checkpoints persist while the machine stays warm).
+#
+#   bash benchmarks/gpu_session.sh [SECONDS]      # SECONDS: this call's budget (default 585)
+#
+# Expects, prepared on a machine with package registries (the GPU image lacks them):
+#   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
+#            immutabledict, promise, simple-parsing, docstring-parser, tensorflow-metadata,
+#            googleapis-common-protos, termcolor, toml), grain, array-record, portpicker,
+#            tensorboardX, orbax-checkpoint 0.12.8 (the version the suite runs on);
+#   .carry/small_dt.tar.xz   runs/small/{data,tokenizer,config.json} from
+#            `python -m fspad_jax.pipeline --config=configs/realtext.py:small
+#             --workdir=runs/small --stages=data,tokenizer` (needs the `bench` extra there).
+# Writes to $OUT: env.txt, small.log, results.{md,json}, tau.png, acceptance_by_depth.png,
+# small_meta.tar.gz (every unit's marker and metrics), bench.log.
+set -uo pipefail
+budget=${1:-585}
+start=$SECONDS
+left() { echo $((budget - (SECONDS - start))); }
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+
+if [ ! -d /tmp/site/grain ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 - <<'EOF'
+import platform, jax, jaxlib, flax, optax, orbax.checkpoint as ocp, transformers, numpy
+print("python", platform.python_version(), "| jax", jax.__version__, "jaxlib", jaxlib.__version__,
+      "| flax", flax.__version__, "| optax", optax.__version__, "| orbax", ocp.__version__,
+      "| transformers", transformers.__version__, "| numpy", numpy.__version__)
+print(jax.devices())
+EOF
+} 2>&1 | tee -a "$OUT/env.txt"
+
+# --- issue 5: the `small` preset (resumable)
+[ -f runs/small/tokenizer/.done ] || tar -xJf .carry/small_dt.tar.xz || exit 1
+minutes=$(python3 -c "print(round(($(left) - 25) / 60, 2))")
+(
+  # Identical computations (vanilla engines of every draft kind) compile once.
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+  python3 -m fspad_jax.pipeline --config=configs/realtext.py:small --workdir=runs/small \
+    --max_minutes="$minutes" --no_progress
+) 2>&1 | grep -v "Shuffling\|Generating \|^\s*$" | tee -a "$OUT/small.log"
+rc=${PIPESTATUS[0]}
+cp runs/small/results.md runs/small/results.json runs/small/*.png "$OUT/" 2>/dev/null
+(cd runs/small && find . -path ./data -prune -o -name checkpoints -prune -o -type f \
+  \( -name '.done' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) -print0 \
+  | tar -czf "$OUT/small_meta.tar.gz" --null -T -)
+echo "pipeline exit $rc, $(left) s left"
+[ "$rc" = 0 ] || exit "$rc"
+
+# --- issues 2 and 4: Llama-3-8B shapes, random bf16 weights
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+for bench in "decode_bench.py --shape=llama3_8b --batch 1 8" \
+             "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8" \
+             "train_bench.py --shape=llama3_8b"; do
+  done_file="runs/bench_done.${bench%%.py*}"
+  [ -f "$done_file" ] && continue  # finished in an earlier call
+  t=$(($(left) - 5))
+  [ "$t" -gt 30 ] || { echo "no time left for $bench"; break; }
+  echo "### python benchmarks/$bench  (timeout ${t}s)" | tee -a "$OUT/bench.log"
+  # shellcheck disable=SC2086
+  timeout "$t" python3 benchmarks/$bench 2>&1 | grep -v "^\s*$" | tee -a "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] && touch "$done_file"
+done
