@@ -39,20 +39,18 @@ running beside, so +-30%); the H100 numbers are PROJECTED, not measured.
     ~8.5 min at ~1.8k padded tok/s); drafts 4 x 80 steps x 4 x 384 (~2.4 min each); 8
     MT-bench questions + 8 ShareGPT prompts, 64 new tokens (~7 min of decoding, mostly
     compilation).
-  * small (one H100, bf16; PROJECTED). d=768 x 8 layers, 12 heads / 4 KV heads, d_ff 2688,
-    vocab 16384 (87 M params, ~0.49 GFLOP per training token at len 1024). At an assumed
-    150 TFLOP/s (19% of the ~790 TFLOP/s bf16 matmul peak measured on the lent H100; the
-    attention is the plain einsum form, scores materialized) that is ~300k tok/s: 800 steps
-    x 64 x 1024 (52 M padded tokens, ~1.8 epochs of the ~29 M-token train split) in ~3 min.
-    Drafts: 4 x 300 steps x 32 x 1024 (~0.33 GFLOP/token: target forward + draft step),
-    ~40 s each with compilation. Eval: 24 MT-bench questions (48 turns) + 24 ShareGPT
-    prompts, 128 new tokens, batch 8, EAGLE-2 tree (depth 6, top-k 10, 60 nodes): ~3 min.
-    Data preparation (rendering + tokenizing ~41k chunks, single-threaded; measured here at
-    ~1.5 M characters/s) adds ~1.5 min of CPU time. Calibrate first with
-    `--stages=data,tokenizer,pretrain --config.pretrain.steps=30` (tokens/s in
-    <workdir>/pretrain/metrics.jsonl), then set pretrain.steps for the budget.
-    --max_minutes=9 keeps every command under 10 minutes (pretraining and drafts resume
-    from their checkpoints; rerun the same command).
+  * small (one H100, bf16; MEASURED 2026-11-22, benchmarks/RESULTS.md). d=768 x 8 layers,
+    12 heads / 4 KV heads, d_ff 2688, vocab 16384 (87 M params, ~0.49 GFLOP per training
+    token at len 1024). Pretraining 800 steps x 64 x 1024: 420 s for the stage (~150 s of it
+    tokenizing the 41k chunks on one CPU core; training at 141k real / 226k padded tokens/s,
+    110 TFLOP/s), validation ppl 16.9. Drafts 4 x 300 steps x 32 x 1024: 34-54 s each.
+    Eval: 24 MT-bench questions (48 turns) + 24 ShareGPT prompts, 128 new tokens, batch 8,
+    EAGLE-2 tree (depth 6, top-k 10, 60 nodes), prompts padded to one 768-token shape:
+    260 s for the 16 units, mostly compilation. Total ~15 min over two 10-minute commands:
+    the data and tokenizer stages can run elsewhere (17 s on 2 CPU cores) and travel as
+    runs/small/{data,tokenizer}; benchmarks/gpu_session.sh is the wrapper that was used.
+    --max_minutes keeps each command under its limit (pretraining and drafts resume from
+    their checkpoints; rerun the same command).
 """
 
 import ml_collections
