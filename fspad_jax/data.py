@@ -393,14 +393,103 @@ class _StoredExample(NamedTuple):
   loss_mask: np.ndarray  # [length] uint8
 
 
+PARALLEL_MIN_CONVERSATIONS = 4096  # below this, worker start-up costs more than it saves
+
+
+def resolve_num_workers(num_workers: int, num_conversations: int) -> int:
+  """Tokenizing processes: num_workers if > 0; 0 = all CPU cores (at most 16) for files of
+  >= PARALLEL_MIN_CONVERSATIONS conversations, else 1 (in-process)."""
+  if num_workers > 0:
+    return num_workers
+  if num_conversations < PARALLEL_MIN_CONVERSATIONS:
+    return 1
+  return max(1, min(os.cpu_count() or 1, 16))
+
+
+def _compact(example: Example | Rejected) -> Example | Rejected:
+  """The example without its padding (what _tokenize_all keeps), to send between processes."""
+  if isinstance(example, Rejected):
+    return example
+  n = example.length
+  return Example(example.input_ids[:n], example.loss_mask[:n].astype(np.uint8), n,
+                 example.truncated)
+
+
+def _tokenize_worker(task_path: str, result_path: str) -> None:
+  """Worker process body (`python -m fspad_jax.data TASK RESULT`): tokenizes the pickled
+  conversations of TASK and pickles the compact results to RESULT."""
+  import pickle
+  from fspad_jax.hf_checkpoint import load_tokenizer
+  with open(task_path, "rb") as f:
+    (tokenizer_dir, chat_template), max_len, conversations = pickle.load(f)
+  tokenizer = load_tokenizer(tokenizer_dir, chat_template)
+  results = [_compact(tokenize_conversation(tokenizer, c, max_len)) for c in conversations]
+  with open(result_path + ".tmp", "wb") as f:
+    pickle.dump(results, f, protocol=pickle.HIGHEST_PROTOCOL)
+  os.replace(result_path + ".tmp", result_path)
+
+
+def _tokenize_in_workers(conversations: Sequence[Conversation], max_len: int,
+                         num_workers: int, tokenizer_source: tuple[str, str]) -> list | None:
+  """tokenize_conversation for every conversation, in order, split over `num_workers` fresh
+  Python processes (`python -m fspad_jax.data`; plain subprocesses, so a caller's script is
+  never re-imported, and JAX's threads are never forked). None if a worker failed."""
+  import pickle
+  import subprocess
+  import sys
+  import tempfile
+  bounds = np.linspace(0, len(conversations), num_workers + 1).astype(int)
+  package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+      JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+  with tempfile.TemporaryDirectory(prefix="fspad-tokenize-") as tmp:
+    procs = []
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+      task, result, log = (os.path.join(tmp, f"{name}{k}") for name in ("task", "result", "log"))
+      with open(task, "wb") as f:
+        pickle.dump((tokenizer_source, max_len, list(conversations[lo:hi])), f,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+      with open(log, "wb") as err:
+        procs.append((subprocess.Popen([sys.executable, "-m", "fspad_jax.data", task, result],
+                                       env=env, stdout=err, stderr=subprocess.STDOUT),
+                      result, log))
+    outputs = []
+    for proc, result, log in procs:
+      if proc.wait() != 0 or not os.path.exists(result):
+        with open(log, errors="replace") as f:
+          tail = f.read()[-1500:]
+        for other, _, _ in procs:
+          other.kill()
+        logger.warning("a tokenizing worker failed (exit %s); tokenizing in-process instead. "
+                       "Its output ends:\n%s", proc.returncode, tail)
+        return None
+      with open(result, "rb") as f:
+        outputs.extend(pickle.load(f))
+  return outputs
+
+
+def _tokenized(tokenizer, conversations: Sequence[Conversation], max_len: int,
+               num_workers: int, tokenizer_source: tuple[str, str]):
+  """tokenize_conversation's result for every conversation, in order; with several workers,
+  each loads the tokenizer from tokenizer_source = (directory, chat_template). The results
+  are the same either way."""
+  if num_workers > 1 and tokenizer_source[0]:
+    outputs = _tokenize_in_workers(conversations, max_len, num_workers, tokenizer_source)
+    if outputs is not None:
+      return outputs
+  return (tokenize_conversation(tokenizer, conv, max_len) for conv in conversations)
+
+
 def _tokenize_all(tokenizer, conversations: Sequence[Conversation], max_len: int,
-                  val_fraction: float, report: BadRecordReport
+                  val_fraction: float, report: BadRecordReport, num_workers: int = 1,
+                  tokenizer_source: tuple[str, str] = ("", "")
                   ) -> tuple[dict[str, list[_StoredExample]], int]:
   """Tokenizes every conversation into its split; returns (examples by split, #truncated)."""
   examples = {split: [] for split in SPLITS}
   truncated = 0
-  for conv in conversations:
-    example = tokenize_conversation(tokenizer, conv, max_len)
+  results = _tokenized(tokenizer, conversations, max_len, num_workers, tokenizer_source)
+  for conv, example in zip(conversations, results, strict=True):
     if isinstance(example, Rejected):
       report.add(example.kind, conv.line, example.detail)
       continue
@@ -478,14 +567,17 @@ def read_report(builder_dir: str) -> dict:
 
 
 def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: str,
-                    val_fraction: float = 0.02, chat_template: str = "") -> tuple[str, dict]:
+                    val_fraction: float = 0.02, chat_template: str = "",
+                    num_workers: int = 0) -> tuple[str, dict]:
   """Tokenizes a ShareGPT file once into array_record files; returns (builder_dir, report).
 
   The report: {"records": conversations parsed, "train"/"validation": examples written,
   "truncated": examples cut to max_len, "bad": {kind: {"count", "lines", "detail"}},
   "reused": whether an existing preparation was returned}. It is logged and stored as
   prepare_report.json beside the data. Run it on one process; readers then open
-  builder_dir from any process. chat_template: see hf_checkpoint.load_tokenizer."""
+  builder_dir from any process. chat_template: see hf_checkpoint.load_tokenizer.
+  num_workers: tokenizing processes (resolve_num_workers; 0 = automatic); the prepared data
+  does not depend on it."""
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
   if max_len < 2:
@@ -506,7 +598,11 @@ def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: s
 
   conversations, bad = load_conversations(data_path)
   num_records = len(conversations) + bad.total
-  examples, truncated = _tokenize_all(tokenizer, conversations, max_len, val_fraction, bad)
+  workers = resolve_num_workers(num_workers, len(conversations))
+  logger.info("tokenizing %d conversations from %s with %d process(es)", len(conversations),
+              data_path, workers)
+  examples, truncated = _tokenize_all(tokenizer, conversations, max_len, val_fraction, bad,
+                                      workers, (tokenizer_dir, chat_template))
   del conversations
   report = {"records": num_records, **{split: len(examples[split]) for split in SPLITS},
             "truncated": truncated, "bad": bad.to_dict()}
@@ -619,3 +715,9 @@ class TrainBatches:
     if mismatched:
       raise ValueError(f"iterator state is for another pipeline: {mismatched} (saved, current)")
     self._iterator.set_state({"next_index": int(state["next_batch"])})
+
+
+if __name__ == "__main__":  # a tokenizing worker of prepare_dataset (_tokenize_in_workers)
+  import sys
+  from fspad_jax import data  # the importable module: pickled results name its classes
+  data._tokenize_worker(sys.argv[1], sys.argv[2])

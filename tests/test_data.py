@@ -204,6 +204,74 @@ def test_reading_gives_every_good_record(prepared, tokenizer):
     assert attn.sum() == length and attn[:length].all()
 
 
+def _split_rows(builder_dir):
+  """Every stored row of both splits, in file order: (ids, mask, length) bytes."""
+  out = {}
+  for split in ("train", "validation"):
+    batches = TrainBatches(builder_dir, split, batch_size=1, shard_index=0, shard_count=1,
+                           shuffle=False, num_epochs=1, drop_remainder=False)
+    out[split] = [(bytes(b["input_ids"]), bytes(b["loss_mask"]), int(b["length"][0]))
+                  for b in batches]
+  return out
+
+
+def test_parallel_tokenizing_gives_the_same_data(prepared, tokenizer_dir, tmp_path,
+                                                 monkeypatch):
+  """Worker processes (3 uneven slices) write exactly what the in-process path writes."""
+  from fspad_jax import data as data_lib
+  data_path, builder_dir, report, _ = prepared
+  calls = []
+  real = data_lib._tokenize_in_workers
+  monkeypatch.setattr(data_lib, "_tokenize_in_workers",
+                      lambda *a: calls.append(a[2]) or real(*a))
+  par_dir, par_report = prepare_dataset(data_path, tokenizer_dir, MAX_LEN,
+                                        str(tmp_path / "par"), 0.2, num_workers=3)
+  assert calls == [3]
+  assert os.path.basename(os.path.dirname(os.path.dirname(par_dir))) == os.path.basename(
+      os.path.dirname(os.path.dirname(builder_dir)))  # same preparation key
+  assert {k: v for k, v in par_report.items() if k != "reused"} == {
+      k: v for k, v in report.items() if k != "reused"}
+  assert _split_rows(par_dir) == _split_rows(builder_dir)
+
+
+def test_failed_worker_falls_back_to_in_process(prepared, tokenizer, caplog):
+  from fspad_jax import data as data_lib
+  conversations, _ = load_conversations(prepared[0])
+  with caplog.at_level("WARNING"):
+    got = list(data_lib._tokenized(tokenizer, conversations, MAX_LEN, 2, ("/no/such/dir", "")))
+  assert "a tokenizing worker failed" in caplog.text and "/no/such/dir" in caplog.text
+  want = [tokenize_conversation(tokenizer, c, MAX_LEN) for c in conversations]
+  assert [type(g) for g in got] == [type(w) for w in want]
+  assert all(bytes(g.input_ids) == bytes(w.input_ids) for g, w in zip(got, want)
+             if isinstance(w, Example))
+
+
+def test_workers_from_an_unguarded_script(prepared, tokenizer_dir, tmp_path):
+  """A script without `if __name__ == "__main__"` (which multiprocessing would re-import in
+  every worker) prepares with workers and exits."""
+  import subprocess
+  import sys
+  script = tmp_path / "unguarded.py"
+  script.write_text(
+      "from fspad_jax.data import prepare_dataset\n"
+      f"d, r = prepare_dataset({prepared[0]!r}, {tokenizer_dir!r}, {MAX_LEN}, "
+      f"{str(tmp_path / 'out')!r}, 0.2, num_workers=2)\n"
+      "print('TRAIN', r['train'])\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, PYTHONPATH=repo))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"TRAIN {prepared[2]['train']}" in proc.stdout
+  assert "worker failed" not in proc.stderr
+
+
+def test_num_workers_resolution():
+  from fspad_jax.data import PARALLEL_MIN_CONVERSATIONS, resolve_num_workers
+  assert resolve_num_workers(3, 10) == 3
+  assert resolve_num_workers(0, PARALLEL_MIN_CONVERSATIONS - 1) == 1
+  assert 1 <= resolve_num_workers(0, PARALLEL_MIN_CONVERSATIONS) <= 16
+
+
 def test_shuffle_is_deterministic_per_seed_and_per_epoch(prepared):
   builder_dir = prepared[1]
 

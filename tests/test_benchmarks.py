@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end at the tiny shape and print complete records.
+
+No speed is asserted here (figures live in benchmarks/RESULTS.md, with machine and command);
+this keeps the scripts that produced those figures runnable, so that the next session with
+a GPU can rerun them as they are.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# script -> (arguments, positive timing fields every record must carry, number of records)
+CASES = {
+    "decode_bench.py": (
+        ["--shape=tiny", "--batch", "1", "2", "--cache_len", "128", "--gen_tokens", "8",
+         "--iters", "2"],
+        ["bound_ms", "step_ms", "layers_ms", "lm_head_ms", "generate_loop_ms_per_step",
+         "generate_tokens_per_s", "bandwidth_GBps"], 2),
+    "spec_bench.py": (
+        ["--shape=tiny", "--batch", "1", "--prefix", "32", "--iters", "2", "--loop_steps", "2",
+         "--vanilla_tokens", "4"],
+        ["vanilla_step_ms", "tree_draft_ms", "verify_ms", "full_step_ms", "loop_ms_per_step",
+         "device_vanilla_step_ms", "device_tree_draft_ms", "device_verify_ms"], 1),
+    "train_bench.py": (
+        ["--shape=tiny", "--iters", "2"],
+        ["step_ms", "target_tokens_per_s", "target_forward_ms", "achieved_tflops", "mfu",
+         "peak_memory_GB"], 1),
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_script_runs(script):
+  args, fields, num_records = CASES[script]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script)] + args,
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert len(records) == num_records, proc.stdout[-2000:]
+  for record in records:
+    assert record["shape"] == "tiny" and record["backend"] == "cpu"
+    for field in fields:
+      value = record[field]
+      assert isinstance(value, (int, float)) and math.isfinite(value), (field, value)
+      assert value > 0, (field, value)
+    if script == "spec_bench.py":  # differences of two timings: finite (tiny shapes are noisy)
+      for field in ("vanilla_loop_ms_per_token", "breakeven_tau",
+                    "device_commit_and_bookkeeping_ms", "commit_and_bookkeeping_ms"):
+        assert math.isfinite(record[field]), (field, record[field])
