@@ -60,7 +60,8 @@ echo "pipeline exit $rc, $(left) s left"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 for bench in "decode_bench.py --shape=llama3_8b --batch 1 8" \
              "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8" \
-             "train_bench.py --shape=llama3_8b"; do
+             "train_bench.py --shape=llama3_8b" \
+             "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"; do
   done_file="runs/bench_done.${bench%%.py*}"
   [ -f "$done_file" ] && continue  # finished in an earlier call
   t=$(($(left) - 5))

@@ -34,6 +34,23 @@ CASES = {
 }
 
 
+def test_profile_script_counts_kernels(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "profile_spec.py"), "--shape=tiny",
+       "--prefix", "32", "--steps", "2", "--vanilla_tokens", "4", "--out", str(tmp_path)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+  for name in ("speculative", "vanilla"):
+    summary = record[name]
+    assert summary["source"] == "XLA ops on CPU threads"
+    assert summary["kernels_per_unit"] > 1 and summary["kernel_ms_per_unit"] > 0
+    assert summary["top"] and all(k["ms_per_unit"] > 0 for k in summary["top"])
+  # A speculative step (tree draft + verify + commit) runs more ops than a vanilla token.
+  assert record["speculative"]["kernels_per_unit"] > record["vanilla"]["kernels_per_unit"]
+
+
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_script_runs(script):
   args, fields, num_records = CASES[script]
