@@ -42,8 +42,9 @@ running beside, so +-30%); the H100 numbers are PROJECTED, not measured.
   * small (one H100, bf16; MEASURED 2026-11-22, benchmarks/RESULTS.md). d=768 x 8 layers,
     12 heads / 4 KV heads, d_ff 2688, vocab 16384 (87 M params, ~0.49 GFLOP per training
     token at len 1024). Pretraining 800 steps x 64 x 1024: 420 s for the stage (~150 s of it
-    tokenizing the 41k chunks on one CPU core; training at 141k real / 226k padded tokens/s,
-    110 TFLOP/s), validation ppl 16.9. Drafts 4 x 300 steps x 32 x 1024: 34-54 s each.
+    tokenizing the 41k chunks on one CPU core, since split over worker processes: 56 -> 34 s
+    on 2 cores here, not re-measured on the GPU host; training at 141k real / 226k padded
+    tokens/s, 110 TFLOP/s), validation ppl 16.9. Drafts 4 x 300 steps x 32 x 1024: 34-54 s each.
     Eval: 24 MT-bench questions (48 turns) + 24 ShareGPT prompts, 128 new tokens, batch 8,
     EAGLE-2 tree (depth 6, top-k 10, 60 nodes), prompts padded to one 768-token shape:
     260 s for the 16 units, mostly compilation. Total ~15 min over two 10-minute commands:
