@@ -450,10 +450,16 @@ def _tokenize_in_workers(conversations: Sequence[Conversation], max_len: int,
       with open(task, "wb") as f:
         pickle.dump((tokenizer_source, max_len, list(conversations[lo:hi])), f,
                     protocol=pickle.HIGHEST_PROTOCOL)
-      with open(log, "wb") as err:
-        procs.append((subprocess.Popen([sys.executable, "-m", "fspad_jax.data", task, result],
-                                       env=env, stdout=err, stderr=subprocess.STDOUT),
-                      result, log))
+      try:
+        with open(log, "wb") as err:
+          procs.append((subprocess.Popen([sys.executable, "-m", "fspad_jax.data", task,
+                                          result], env=env, stdout=err,
+                                         stderr=subprocess.STDOUT), result, log))
+      except OSError as e:  # no usable interpreter to start (embedded Python, limits)
+        for other, _, _ in procs:
+          other.kill()
+        logger.warning("could not start a tokenizing worker (%s); tokenizing in-process", e)
+        return None
     outputs = []
     for proc, result, log in procs:
       if proc.wait() != 0 or not os.path.exists(result):
