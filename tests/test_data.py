@@ -246,6 +246,21 @@ def test_failed_worker_falls_back_to_in_process(prepared, tokenizer, caplog):
              if isinstance(w, Example))
 
 
+def test_worker_that_cannot_start_falls_back(prepared, tokenizer, tokenizer_dir, monkeypatch,
+                                             caplog):
+  import subprocess
+  from fspad_jax import data as data_lib
+
+  def no_interpreter(*args, **kwargs):
+    raise OSError("no interpreter")
+  monkeypatch.setattr(subprocess, "Popen", no_interpreter)
+  conversations, _ = load_conversations(prepared[0])
+  with caplog.at_level("WARNING"):
+    got = list(data_lib._tokenized(tokenizer, conversations, MAX_LEN, 2, (tokenizer_dir, "")))
+  assert "could not start a tokenizing worker (no interpreter)" in caplog.text
+  assert len(got) == len(conversations)
+
+
 def test_workers_from_an_unguarded_script(prepared, tokenizer_dir, tmp_path):
   """A script without `if __name__ == "__main__"` (which multiprocessing would re-import in
   every worker) prepares with workers and exits."""
