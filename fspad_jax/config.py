@@ -231,3 +231,28 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> "list[float]":
         out.append((1 - smooth) * f / r.factor + smooth * f)
     return out
   return inv
+
+
+# ----------------------------------------------------------------------------- configs/*.py
+
+
+def repo_config_path(name: str) -> str:
+  """configs/<name>.py of the source checkout this package runs from."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      f"{name}.py")
+
+
+def load_config_module(path: str):
+  """A configs/*.py file loaded as a module, the way ml_collections' config_flags does."""
+  import importlib.util
+  name = "fspad_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_repo_config(name: str, arg: str | None = None):
+  """get_config([arg]) of configs/<name>.py in the source checkout (`name.py:arg`)."""
+  module = load_config_module(repo_config_path(name))
+  return module.get_config(arg) if arg is not None else module.get_config()

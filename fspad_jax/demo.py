@@ -19,21 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import time
 
 import numpy as np
 
-
-def _tiny_config():
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("fspad_tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from fspad_jax.config import load_repo_config
 
 
 def prepare_inputs(workdir: str, num_conversations: int) -> tuple[str, str]:
@@ -53,7 +45,7 @@ def train_drafts(workdir: str, model_dir: str, data: str, steps: int) -> dict[st
   from fspad_jax import trainer
   out = {}
   for kind in ("eagle", "fspad"):
-    config = _tiny_config()
+    config = load_repo_config("tiny")
     config.target.path = model_dir
     config.data.path = data
     config.data.max_len = 64

@@ -797,23 +797,14 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
 # ----------------------------------------------------------------------------- CLI
 
 
-def default_config_path() -> str:
-  """configs/realtext.py of the source checkout this package runs from."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "configs", "realtext.py")
-
-
 def load_preset(preset: str, path: str | None = None):
   """configs/realtext.py's get_config(preset), loaded from its file."""
-  import importlib.util
-  path = path or default_config_path()
+  from fspad_jax.config import load_config_module, repo_config_path
+  path = path or repo_config_path("realtext")
   if not os.path.isfile(path):
     raise PipelineError(f"{path} not found: run from a source checkout or pass "
                         f"--config=PATH/realtext.py:{preset}")
-  spec = importlib.util.spec_from_file_location("fspad_realtext_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  return load_config_module(path).get_config(preset)
 
 
 def main():

@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from fspad_jax import decode_lib
+from fspad_jax.config import load_repo_config
 from fspad_jax.decode_lib import DecodeEngine, DecodeError, bucket_length, run_decode
 from fspad_jax.generate import FINISH_REASONS, GenerateOptions, VanillaGenerator
 from fspad_jax.hf_checkpoint import load_target, load_tokenizer
@@ -45,17 +45,8 @@ BAD = [
 ]
 
 
-def load_config_file(name: str):
-  """configs/<name>.py loaded as a file, the way config_flags does."""
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 def tiny_config(path, **decode):
-  config = load_config_file("tiny")
+  config = load_repo_config("tiny")
   config.target.path = path
   config.decode.max_new_tokens = MAX_NEW
   config.decode.batch_size = BATCH
@@ -388,7 +379,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_llama3_config_file():
-  config = load_config_file("llama3_8b")
+  config = load_repo_config("llama3_8b")
   assert config.target.dtype == "bfloat16" and config.decode.method == "vanilla"
   assert "Meta-Llama-3-8B-Instruct" in config.target.path
   assert decode_lib.decode_settings(config).max_new_tokens >= 256

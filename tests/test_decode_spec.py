@@ -2,7 +2,6 @@
 from train.py (workdir, step checkpoint) and EAGLE-layout directories, per-record acceptance
 metrics, --compare_vanilla, refused mismatched drafts, cache_full."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import pytest
 from flax import nnx
 
 from fspad_jax import decode_lib
+from fspad_jax.config import load_repo_config
 from fspad_jax.decode_lib import DecodeEngine, DecodeError, run_decode
 from fspad_jax.draft import draft_config_from_target, init_draft
 from fspad_jax.draft_checkpoint import save_draft
@@ -34,16 +34,8 @@ GOOD = [
 ]
 
 
-def load_config_file(name: str):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 def spec_config(target, method="vanilla", draft="", **decode):
-  config = load_config_file("tiny")
+  config = load_repo_config("tiny")
   config.target.path = target
   config.draft.path = draft
   config.decode.method = method
@@ -82,7 +74,7 @@ def dirs(tmp_path_factory):
   from fspad_jax import trainer
   root = tmp_path_factory.mktemp("spec")
   d = {"target": make_tiny_checkpoint(str(root / "model"))}
-  config = load_config_file("tiny")
+  config = load_repo_config("tiny")
   config.target.path = d["target"]
   config.data.path = make_tiny_conversations(str(root / "conv.jsonl"), num=48)
   config.data.max_len = 64
@@ -309,7 +301,7 @@ def test_tree_settings_validated(dirs):
     decode_lib.decode_settings(spec_config(dirs["target"], "fspad", total_tokens=100))
   with pytest.raises(DecodeError, match=r"decode.tree_depth=0"):
     decode_lib.decode_settings(spec_config(dirs["target"], "eagle", tree_depth=0))
-  tiny, llama = load_config_file("tiny"), load_config_file("llama3_8b")
+  tiny, llama = load_repo_config("tiny"), load_repo_config("llama3_8b")
   assert (tiny.decode.tree_depth, tiny.decode.tree_top_k, tiny.decode.total_tokens) == (
       DEPTH, TOP_K, TOTAL)
   s = decode_lib.decode_settings(llama)

@@ -151,16 +151,11 @@ def trained_draft(tmp_path_factory):
   """A tiny HF target and an fspad draft trained on it by the training pipeline."""
   from fspad_jax import trainer
   from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_conversations
-  import importlib.util
+  from fspad_jax.config import load_repo_config
   root = tmp_path_factory.mktemp("trained")
   model_dir = make_tiny_checkpoint(str(root / "model"))
   data = make_tiny_conversations(str(root / "conv.jsonl"), 120)
-  import os
-  config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("tiny_cfg", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_repo_config("tiny")
   config.target.path = model_dir
   config.data.path = data
   config.data.max_len = 64

@@ -6,7 +6,6 @@ vocab 512, so every sharded axis divides 8 ways) and one prepared conversation f
 """
 
 import glob
-import importlib.util
 import json
 import os
 import random
@@ -27,11 +26,12 @@ from ml_collections.config_flags import config_flags
 
 from fspad_jax import data as data_lib
 from fspad_jax import train_lib, trainer
-from fspad_jax.config import ConfigError
+from fspad_jax.config import (ConfigError, load_config_module, load_repo_config,
+                              repo_config_path)
 from fspad_jax.draft import DRAFT_KINDS, draft_config_from_target, init_draft, init_draft_cache
 from fspad_jax.target import Target
 from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_conversations, tiny_config
-from train_runner import (LOOP_MAX_LEN, flat_params, load_config_file, step_batch,
+from train_runner import (LOOP_MAX_LEN, flat_params, step_batch,
                           step_config, train_loop_config, train_steps)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,7 +95,7 @@ def target(assets):
 
 def make_config(assets, kind="fspad", **train):
   """configs/tiny.py on the test assets: no eval, no TensorBoard, 2 agreement depths."""
-  config = load_config_file("tiny")
+  config = load_repo_config("tiny")
   config.target.path, config.data.path = assets["model"], assets["data"]
   config.data.max_len, config.data.prepared_dir = MAX_LEN, assets["prepared"]
   config.draft.kind = kind
@@ -717,10 +717,7 @@ def _config_args():
   """(name, None) for every config, plus (name, preset) for each entry of its PRESETS."""
   args = []
   for name in ["tiny", *TARGET_SHAPES]:
-    spec = importlib.util.spec_from_file_location(f"presets_{name}",
-                                                  os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(repo_config_path(name))
     args += [(name, None)] + [(name, preset) for preset in getattr(module, "PRESETS", {})]
   return args
 
@@ -742,7 +739,7 @@ def test_config_files_load_and_are_consistent(name, arg):
   of configs/tiny.py, and its batch fits its mesh. No checkpoint is needed."""
   path = os.path.join(REPO, "configs", f"{name}.py") + (f":{arg}" if arg else "")
   config = config_flags.ConfigFileFlagParser(name="config").parse(path)
-  schema, keys = _keys(load_config_file("tiny")), _keys(config)
+  schema, keys = _keys(load_repo_config("tiny")), _keys(config)
   missing = sorted(set(schema) - set(keys))
   assert not missing, f"{path} lacks {missing}"
   for key, kind in schema.items():

@@ -10,7 +10,6 @@ With --train_workdir W --data FILE it also runs the whole loop (trainer.train) o
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -21,19 +20,11 @@ BATCH, SEQ = 16, 16  # global batch: 8 rows per micro-batch at grad_accum 2
 LOOP_MAX_LEN = 48  # tests/test_train.py prepares its data at this length
 
 
-def load_config_file(name: str, arg: str | None = None):
-  """configs/<name>.py loaded as a file, the way config_flags does (`name.py:arg`)."""
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg is not None else mod.get_config()
-
-
 def step_config(model_dir: str, mesh_shape, grad_accum: int = 2, kind: str = "fspad",
                 global_batch: int = BATCH):
   """configs/tiny.py for a few deterministic steps: no noise, no warmup, no clipping."""
-  config = load_config_file("tiny")
+  from fspad_jax.config import load_repo_config
+  config = load_repo_config("tiny")
   config.target.path = model_dir
   config.mesh.shape = tuple(mesh_shape)
   config.draft.kind = kind
@@ -103,7 +94,8 @@ def run_steps(config, steps: int = 2, devices=None) -> dict:
 
 def train_loop_config(model_dir: str, data_path: str, prepared_dir: str, mesh_shape):
   """configs/tiny.py for a short whole-loop run (trainer.train) on a given mesh."""
-  config = load_config_file("tiny")
+  from fspad_jax.config import load_repo_config
+  config = load_repo_config("tiny")
   config.target.path, config.data.path = model_dir, data_path
   config.data.prepared_dir, config.data.max_len = prepared_dir, LOOP_MAX_LEN
   config.mesh.shape = tuple(mesh_shape)
