@@ -47,7 +47,7 @@ from flax import nnx
 from fspad_jax.config import ConfigError, ModelConfig, _parse_rope, read_config_json
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft
 from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _linear,
-                                     _stacked_linear, param_shardings)
+                                     _stacked_linear, param_shardings, to_hf_tensors)
 from fspad_jax.safetensors_io import TensorIndex, write_safetensors
 from fspad_jax.sharding import ShardingRules, to_host
 
@@ -352,12 +352,7 @@ def save_draft(draft_dir: str, cfg: DraftConfig, params: nnx.State,
   """
   os.makedirs(draft_dir, exist_ok=True)
   np_dtype = NP_DTYPES[save_dtype or cfg.dtype]
-  mappings = draft_tensor_mappings(cfg)
-  tensors = {}
-  for p, var in nnx.to_flat_state(params):
-    value = np.asarray(to_host(var.get_value())).astype(np.float32)
-    for name, arr in zip(mappings[p].hf_names, mappings[p].to_hf(value)):
-      tensors[name] = np.ascontiguousarray(arr).astype(np_dtype)
+  tensors = to_hf_tensors(params, draft_tensor_mappings(cfg), save_dtype or cfg.dtype)
   if embedding is not None:
     embedding = np.asarray(to_host(embedding) if isinstance(embedding, jax.Array) else embedding)
     if embedding.ndim != 2 or embedding.shape[1] != cfg.hidden_size:

@@ -218,17 +218,23 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
   return out
 
 
-def save_target(model_dir: str, cfg: ModelConfig, params: nnx.State,
-                save_dtype: str | None = None) -> None:
-  """Writes config.json + model.safetensors that transformers (and load_target) can read."""
-  os.makedirs(model_dir, exist_ok=True)
-  dtype = NP_DTYPES[save_dtype or cfg.dtype]
-  mappings = tensor_mappings(cfg)
+def to_hf_tensors(params: nnx.State, mappings: dict, dtype: str) -> dict[str, np.ndarray]:
+  """Checkpoint tensors {hf name: host array in `dtype`} of params, through each
+  parameter's TensorMapping (to_hf splits fused weights and transposes linears)."""
+  np_dtype = NP_DTYPES[dtype]
   tensors = {}
   for path, var in nnx.to_flat_state(params):
     value = np.asarray(to_host(var.get_value())).astype(np.float32)
     for name, arr in zip(mappings[path].hf_names, mappings[path].to_hf(value)):
-      tensors[name] = np.ascontiguousarray(arr).astype(dtype)
+      tensors[name] = np.ascontiguousarray(arr).astype(np_dtype)
+  return tensors
+
+
+def save_target(model_dir: str, cfg: ModelConfig, params: nnx.State,
+                save_dtype: str | None = None) -> None:
+  """Writes config.json + model.safetensors that transformers (and load_target) can read."""
+  os.makedirs(model_dir, exist_ok=True)
+  tensors = to_hf_tensors(params, tensor_mappings(cfg), save_dtype or cfg.dtype)
   if jax.process_index() == 0:
     write_safetensors(os.path.join(model_dir, "model.safetensors"), tensors,
                       metadata={"format": "pt"})
