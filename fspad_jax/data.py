@@ -407,11 +407,12 @@ def resolve_num_workers(num_workers: int, num_conversations: int) -> int:
 
 
 def _compact(example: Example | Rejected) -> Example | Rejected:
-  """The example without its padding (what _tokenize_all keeps), to send between processes."""
+  """The example without its padding, mask as uint8: what _tokenize_all keeps (and what
+  workers send back)."""
   if isinstance(example, Rejected):
     return example
   n = example.length
-  return Example(example.input_ids[:n], example.loss_mask[:n].astype(np.uint8), n,
+  return Example(example.input_ids[:n].copy(), example.loss_mask[:n].astype(np.uint8), n,
                  example.truncated)
 
 
@@ -477,19 +478,19 @@ def _tokenize_in_workers(conversations: Sequence[Conversation], max_len: int,
 
 def _tokenized(tokenizer, conversations: Sequence[Conversation], max_len: int,
                num_workers: int, tokenizer_source: tuple[str, str]):
-  """tokenize_conversation's result for every conversation, in order; with several workers,
-  each loads the tokenizer from tokenizer_source = (directory, chat_template). The results
-  are the same either way."""
-  if num_workers > 1 and tokenizer_source[0]:
+  """tokenize_conversation's result for every conversation, in order, compacted (_compact);
+  with several workers, each loads the tokenizer from tokenizer_source = (directory,
+  chat_template). The results are the same either way."""
+  if num_workers > 1:
     outputs = _tokenize_in_workers(conversations, max_len, num_workers, tokenizer_source)
     if outputs is not None:
       return outputs
-  return (tokenize_conversation(tokenizer, conv, max_len) for conv in conversations)
+  return (_compact(tokenize_conversation(tokenizer, conv, max_len)) for conv in conversations)
 
 
 def _tokenize_all(tokenizer, conversations: Sequence[Conversation], max_len: int,
-                  val_fraction: float, report: BadRecordReport, num_workers: int = 1,
-                  tokenizer_source: tuple[str, str] = ("", "")
+                  val_fraction: float, report: BadRecordReport, num_workers: int,
+                  tokenizer_source: tuple[str, str]
                   ) -> tuple[dict[str, list[_StoredExample]], int]:
   """Tokenizes every conversation into its split; returns (examples by split, #truncated)."""
   examples = {split: [] for split in SPLITS}
@@ -500,9 +501,8 @@ def _tokenize_all(tokenizer, conversations: Sequence[Conversation], max_len: int
       report.add(example.kind, conv.line, example.detail)
       continue
     truncated += int(example.truncated)
-    examples[split_of(conv, val_fraction)].append(_StoredExample(
-        conv.line, example.input_ids[:example.length].copy(),
-        example.loss_mask[:example.length].astype(np.uint8)))
+    examples[split_of(conv, val_fraction)].append(
+        _StoredExample(conv.line, example.input_ids, example.loss_mask))
   return examples, truncated
 
 
