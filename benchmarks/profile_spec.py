@@ -25,17 +25,15 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_bench import SHAPES  # noqa: E402
+from spec_bench import options_for, random_models, random_state  # noqa: E402
 
 from fspad_jax import speculative as spec  # noqa: E402
-from fspad_jax.draft import draft_config_from_target, init_draft  # noqa: E402
 from fspad_jax.generate import GenerateOptions, VanillaGenerator  # noqa: E402
-from fspad_jax.model import init_model  # noqa: E402
 from fspad_jax.sharding import make_mesh  # noqa: E402
 
 # CPU trace events that are bookkeeping or enclose other ops (counted once, via their parts).
@@ -112,20 +110,9 @@ def main():
   ap.add_argument("--out", default="/tmp/fspad_profile", help="trace directory")
   args = ap.parse_args()
 
-  cfg = SHAPES[args.shape]()
-  if args.dtype:
-    cfg = cfg.replace(dtype=args.dtype)
-  tg, tp = nnx.split(init_model(cfg))
-  dg, dp = nnx.split(init_draft(draft_config_from_target(cfg, "fspad"), seed=1))
-  options = spec.SpecOptions(
-      max_new_tokens=(args.steps + 1) * (args.depth + 1), depth=args.depth, top_k=args.top_k,
-      total_tokens=args.total_tokens,
-      cache_len=args.prefix + args.total_tokens + 64 + (args.steps + 1) * (args.depth + 1))
-  rs = np.random.RandomState(0)
-  prompt = jnp.asarray(rs.randint(0, cfg.vocab_size, (args.batch, args.prefix)), jnp.int32)
-  lengths = jnp.full((args.batch,), args.prefix, jnp.int32)
-  state = jax.jit(lambda tp, dp: spec.init_state(nnx.merge(dg, dp), nnx.merge(tg, tp), prompt,
-                                                 lengths, jax.random.key(0), options))(tp, dp)
+  cfg, tg, tp, dg, dp = random_models(args.shape, args.dtype)
+  options = options_for(args.depth, args.top_k, args.total_tokens, args.prefix, args.steps + 1)
+  prompt, state = random_state(cfg, tg, tp, dg, dp, args.batch, args.prefix, options)
 
   def loop(tp, dp, state):
     draft, target = nnx.merge(dg, dp), nnx.merge(tg, tp)

@@ -48,6 +48,37 @@ from fspad_jax.model import init_model  # noqa: E402
 from fspad_jax.sharding import make_mesh  # noqa: E402
 
 
+def random_models(shape: str, dtype: str | None):
+  """(cfg, target graphdef, target params, draft graphdef, draft params): random weights of
+  a SHAPES entry and an FSPAD head of matching shape."""
+  cfg = SHAPES[shape]()
+  if dtype:
+    cfg = cfg.replace(dtype=dtype)
+  tg, tp = nnx.split(init_model(cfg))
+  dg, dp = nnx.split(init_draft(draft_config_from_target(cfg, "fspad"), seed=1))
+  return cfg, tg, tp, dg, dp
+
+
+def options_for(depth: int, top_k: int, total_tokens: int, prefix: int, steps: int
+                ) -> spec.SpecOptions:
+  """Tree options whose cache holds the prefix, `steps` speculative steps and a tree."""
+  return spec.SpecOptions(max_new_tokens=steps * (depth + 1), depth=depth, top_k=top_k,
+                          total_tokens=total_tokens,
+                          cache_len=prefix + total_tokens + 64 + steps * (depth + 1))
+
+
+def random_state(cfg, tg, tp, dg, dp, batch: int, prefix: int, options: spec.SpecOptions):
+  """(prompt [batch, prefix] of random tokens, the SpecState after prefilling it)."""
+  rs = np.random.RandomState(0)
+  prompt = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, prefix)), jnp.int32)
+  lengths = jnp.full((batch,), prefix, jnp.int32)
+
+  def init(tp, dp, prompt, lengths):
+    return spec.init_state(nnx.merge(dg, dp), nnx.merge(tg, tp), prompt, lengths,
+                           jax.random.key(0), options)
+  return prompt, jax.block_until_ready(jax.jit(init)(tp, dp, prompt, lengths))
+
+
 def best_of(repeats: int, fn) -> float:
   """Shortest wall time of fn() (outputs blocked on) over `repeats` calls."""
   times = []
@@ -72,36 +103,17 @@ def main():
   ap.add_argument("--vanilla_tokens", type=int, default=64)
   args = ap.parse_args()
 
-  cfg = SHAPES[args.shape]()
-  if args.dtype:
-    cfg = cfg.replace(dtype=args.dtype)
-  target = init_model(cfg)
-  tg, tp = nnx.split(target)
-  dcfg = draft_config_from_target(cfg, "fspad")
-  dg, dp = nnx.split(init_draft(dcfg, seed=1))
+  cfg, tg, tp, dg, dp = random_models(args.shape, args.dtype)
   itemsize = jnp.dtype(cfg.dtype).itemsize
   target_bytes = tree_bytes(tp)
   lm_head_bytes = cfg.hidden_size * cfg.vocab_size * itemsize
   draft_bytes = tree_bytes(dp)
   bandwidth = measure_bandwidth(1 << 28 if jax.default_backend() == "cpu" else 1 << 31)
   steps_run = args.loop_steps + args.iters + 4  # steps any one state goes through
-  options = spec.SpecOptions(max_new_tokens=steps_run * (args.depth + 1),
-                             depth=args.depth, top_k=args.top_k,
-                             total_tokens=args.total_tokens,
-                             cache_len=args.prefix + args.total_tokens + 64 +
-                             steps_run * (args.depth + 1))
+  options = options_for(args.depth, args.top_k, args.total_tokens, args.prefix, steps_run)
   records = []
   for batch in args.batch:
-    rs = np.random.RandomState(0)
-    prompt = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, args.prefix)), jnp.int32)
-    lengths = jnp.full((batch,), args.prefix, jnp.int32)
-
-    def init(tp, dp, prompt, lengths):
-      return spec.init_state(nnx.merge(dg, dp), nnx.merge(tg, tp), prompt, lengths,
-                             jax.random.key(0), options)
-
-    state = jax.jit(init)(tp, dp, prompt, lengths)
-    jax.block_until_ready(state)
+    prompt, state = random_state(cfg, tg, tp, dg, dp, batch, args.prefix, options)
     kv_bytes = (2 * cfg.num_layers * batch * args.prefix * cfg.num_kv_heads * cfg.head_dim
                 * itemsize)
 

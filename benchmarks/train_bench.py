@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 
 import jax
@@ -33,37 +34,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fspad_jax import train_lib
-from fspad_jax.config import ModelConfig, RopeConfig, llama3_8b_config
-from fspad_jax.draft import DRAFT_KINDS, abstract_draft, draft_config_from_target
-from fspad_jax.hf_checkpoint import param_shardings
-from fspad_jax.model import abstract_model, init_model
-from fspad_jax.sharding import ShardingRules, host_to_global, make_mesh
-from fspad_jax.trainer import PEAK_FLOPS
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decode_bench  # noqa: E402
+from decode_bench import timeit  # noqa: E402
+
+from fspad_jax import train_lib  # noqa: E402
+from fspad_jax.config import ModelConfig, RopeConfig  # noqa: E402
+from fspad_jax.draft import DRAFT_KINDS, abstract_draft, draft_config_from_target  # noqa: E402
+from fspad_jax.hf_checkpoint import param_shardings  # noqa: E402
+from fspad_jax.model import abstract_model, init_model  # noqa: E402
+from fspad_jax.sharding import ShardingRules, host_to_global, make_mesh  # noqa: E402
+from fspad_jax.trainer import PEAK_FLOPS  # noqa: E402
 
 SHAPES = {
-    "llama3_8b": lambda: llama3_8b_config("bfloat16"),
-    # ~26M params, vocab 8192: a training step of 4 x 128 tokens takes ~1 s on 2 CPU cores.
+    "llama3_8b": decode_bench.SHAPES["llama3_8b"],
+    # ~26M params, vocab 8192: a training step of 4 x 128 tokens takes ~1 s on 2 CPU cores
+    # (decode_bench's "small" is a 124M decode shape).
     "small": lambda: ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408,
                                  num_layers=6, num_heads=8, num_kv_heads=4, head_dim=64,
                                  rope=RopeConfig(theta=500000.0), dtype="float32"),
-    "tiny": lambda: ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                                dtype="float32"),
+    "tiny": decode_bench.SHAPES["tiny"],
 }
 DEFAULT_SEQ = {"llama3_8b": 2048, "small": 128, "tiny": 64}
-
-
-def timeit(fn, warmup=1, iters=5):
-  """Median wall time of fn() in seconds after `warmup` calls (outputs blocked on)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def measured_cpu_peak_flops(n=2048, iters=5) -> float:
