@@ -11,8 +11,9 @@ Each input line holds an `id` and exactly one of `prompt` (raw text), `messages`
 `turns` (user messages answered in sequence, MT-bench style) or `input_ids`. Prompts are
 decoded in batches of a static shape: `decode.batch_size` rows (a short batch is filled with
 copies of its first row, discarded), right-padded to a bucketed length (at least
-`decode.min_prompt_bucket`), so that one compiled function serves every batch of a bucket. Each output line is written whole, then
-flushed and fsync'ed; a rerun skips the ids already written and drops a partial last line.
+`decode.min_prompt_bucket`), so that one compiled function serves every batch of a bucket.
+Each output line is written whole, then flushed and fsync'ed; a rerun skips the ids already
+written and drops a partial last line.
 
 Decoding methods are looked up in `METHODS` by `decode.method`: "vanilla" (target only), and
 "eagle" / "fspad", lossless tree speculative decoding (fspad_jax.speculative) with the draft

@@ -501,6 +501,7 @@ def run_prompts(ctx: Context, data_hash: str, tokenizer_hash: str) -> dict:
 def decode_config(ctx: Context, kind: str, temperature: float):
   """decode_lib's config (configs/tiny.py layout) for one draft kind and temperature."""
   import ml_collections
+  from fspad_jax.decode_lib import MIN_BUCKET
   e = ctx.config.eval
   c = ml_collections.ConfigDict()
   c.target = ml_collections.ConfigDict({"path": ctx.paths.target, "dtype": e.dtype})
@@ -510,7 +511,7 @@ def decode_config(ctx: Context, kind: str, temperature: float):
       "top_k": 0, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
       "cache_len": 0, "stop_token_ids": (), "seed": e.seed, "tree_depth": e.tree_depth,
       "tree_top_k": e.tree_top_k, "total_tokens": e.total_tokens,
-      "min_prompt_bucket": e.get("min_prompt_bucket", 64)})
+      "min_prompt_bucket": e.get("min_prompt_bucket", MIN_BUCKET)})
   c.draft = ml_collections.ConfigDict({"path": ctx.paths.draft(kind), "kind": kind})
   return c
 
