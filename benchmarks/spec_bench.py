@@ -129,11 +129,11 @@ def main():
       draft, tgt = nnx.merge(dg, dp), nnx.merge(tg, tp)
       k = options.top_k
       feats = jnp.broadcast_to(state.root_feature[:, None], (batch, k, cfg.hidden_size))
-      tokens = jax.lax.top_k(state.root_logp, k)[1]
+      tokens = state.root_tokens
       positions = jnp.broadcast_to(state.draft_cache.lengths[:, None], (batch, k))
       out = draft(feats, tgt.embed(tokens), positions, state.draft_cache,
                   block_mask=jnp.eye(k, dtype=bool)[None].repeat(batch, 0))
-      return spec._draft_logp(tgt, out.predict)
+      return spec.draft_candidates(tgt, out.predict, k)
     t_pass = timeit(jax.jit(draft_pass), tp, dp, state, iters=args.iters)
 
     # --- whole tree draft

@@ -46,8 +46,8 @@ from flax import nnx
 
 from fspad_jax.config import ConfigError, ModelConfig, _parse_rope, read_config_json
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft
-from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _linear,
-                                     _stacked_linear, param_shardings, to_hf_tensors)
+from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _LazyStack,
+                                     _linear, _stacked_linear, param_shardings, to_hf_tensors)
 from fspad_jax.safetensors_io import TensorIndex, write_safetensors
 from fspad_jax.sharding import ShardingRules, to_host
 
@@ -85,7 +85,8 @@ def draft_tensor_mappings(cfg: DraftConfig) -> dict[tuple, TensorMapping]:
     fs = ("feature_sampling",)
     m[fs + ("norm", "weight")] = TensorMapping(("fc.post_attention_layernorm.weight",), *same)
     m[fs + ("gate_up_kernel",)] = TensorMapping(
-        ("fc.mlp.gate_proj.weight", "fc.mlp.up_proj.weight"), *_stacked_linear((f,)))
+        ("fc.mlp.gate_proj.weight", "fc.mlp.up_proj.weight"),
+        lambda v: _LazyStack([w.T for w in v], axis=0), lambda x: [x[0].T, x[1].T])  # [2, d, f]
     m[fs + ("down_kernel",)] = TensorMapping(("fc.mlp.down_proj.weight",), *_linear((d,)))
   p, a, L = LAYER_PREFIX, LAYER_PREFIX + "self_attn.", ("layer",)
   m[L + ("attn", "q_kernel")] = TensorMapping((a + "q_proj.weight",), *_linear((h, hd)))
