@@ -15,11 +15,14 @@ and their optimized HLO is read:
   custom_calls   by target (TopK, sort, ...); `sort` instructions are counted too;
   while_loops    loops left in the step, with their trip count when XLA knows it, and
                  whether they run the threefry PRNG;
+  full_lm_head_reads  kernels that take the target's whole LM head as an operand (verify,
+                 and each full-vocabulary draft pass; a hot-vocabulary draft reads a slice);
   draft_pass     bytes one sequential draft pass reads: the draft head and the LM head rows
-                 it projects onto (in --draft_dtype, bf16 by default), at 32 layers.
+                 it projects onto (in --draft_dtype_bytes, bf16 by default).
 
   python benchmarks/step_ops.py                      # 8B widths, f32, tree 6/10/60, batch 1
   python benchmarks/step_ops.py --draft_vocab 32768  # hot-vocabulary draft
+  python benchmarks/step_ops.py --draft_vocab 32768 --draft_weight int8
   python benchmarks/step_ops.py --json out.json
 
 The CPU op count is a proxy for GPU kernels per step (the GPU backend fuses differently);
@@ -41,10 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fspad_jax import speculative as spec
+from fspad_jax import quant, speculative as spec
 from fspad_jax.config import llama3_8b_config
 from fspad_jax.draft import abstract_draft, draft_config_from_target
 from fspad_jax.generate import DecodeState, GenerateOptions, decode_step
+from fspad_jax.hot_vocab import DraftVocab
 from fspad_jax.model import KVCache, abstract_model
 from fspad_jax.sampling import SamplingParams
 
@@ -99,6 +103,7 @@ def audit_hlo(text: str) -> dict:
                             "custom-call"):
             nested.add(name)
   ops, copies, temps, custom, sorts, loops = 0, [], [], collections.Counter(), 0, []
+  lm_head_reads = 0
   by_op = collections.Counter()
   for name, insts in comps.items():
     if name in nested:
@@ -109,6 +114,9 @@ def audit_hlo(text: str) -> dict:
         continue
       ops += 1
       by_op[op] += 1
+      operands = inst["rest"].split(")")[0]
+      if re.search(r"lm_head\w*value", operands):
+        lm_head_reads += 1
       size = _shape_bytes(inst["type"])
       if op == "copy" and size >= BIG_COPY_BYTES:
         copies.append(size)
@@ -129,6 +137,7 @@ def audit_hlo(text: str) -> dict:
   return {"ops": ops, "big_copies": len(copies), "big_copy_mb": round(sum(copies) / 1e6, 1),
           "big_temporaries": len(temps), "big_temporary_mb": round(sum(temps) / 1e6, 1),
           "custom_calls": dict(custom), "sorts": sorts, "while_loops": loops,
+          "full_lm_head_reads": lm_head_reads,
           "ops_by_kind": dict(by_op.most_common(12))}
 
 
@@ -176,10 +185,28 @@ def vanilla_hlo(cfg, batch: int, cache_len: int) -> str:
   return fn.lower(params, state).compile().as_text()
 
 
+def abstract_int8_draft(draft_cfg):
+  """The abstract draft with quant.quantize_draft's layout: int8 kernels, float32 scales."""
+  draft = abstract_draft(draft_cfg)
+  for path, name, in_axes in quant.DRAFT_KERNELS:
+    module = draft
+    for part in path:
+      module = getattr(module, part, None)
+    if module is None:
+      continue
+    shape = tuple(getattr(module, name).shape)
+    scale = tuple(1 if i in in_axes else n for i, n in enumerate(shape))
+    setattr(module, name, nnx.Param(jax.ShapeDtypeStruct(shape, jnp.int8)))
+    setattr(module, name + quant.SCALE_SUFFIX,
+            nnx.Param(jax.ShapeDtypeStruct(scale, jnp.float32)))
+  return draft
+
+
 def spec_hlo(cfg, draft_cfg, batch: int, cache_len: int, depth: int, top_k: int, total: int,
-             sampling: SamplingParams) -> str:
+             sampling: SamplingParams, weight_dtype: str = "") -> str:
   tg, tp = _abstract_params(abstract_model(cfg))
-  dg, dp = _abstract_params(abstract_draft(draft_cfg))
+  dg, dp = _abstract_params(abstract_int8_draft(draft_cfg) if weight_dtype == "int8"
+                            else abstract_draft(draft_cfg))
   options = spec.SpecOptions(max_new_tokens=64, sampling=sampling, cache_len=cache_len,
                              depth=depth, top_k=top_k, total_tokens=total)
   prompt = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
@@ -187,16 +214,33 @@ def spec_hlo(cfg, draft_cfg, batch: int, cache_len: int, depth: int, top_k: int,
   state = jax.eval_shape(
       lambda tp, dp, p, n: spec.init_state(nnx.merge(dg, dp), nnx.merge(tg, tp), p, n,
                                            jax.random.key(0), options), tp, dp, prompt, lengths)
+  vocab = None
+  if draft_cfg.hot_vocab_size:  # the hot LM head rows, sliced at load (fspad_jax.hot_vocab)
+    n = draft_cfg.hot_vocab_size
+    vocab = DraftVocab(jax.ShapeDtypeStruct((n,), jnp.int32),
+                       jax.ShapeDtypeStruct((cfg.hidden_size, n), jnp.dtype(cfg.dtype)))
+    if weight_dtype == "int8":
+      vocab = DraftVocab(vocab.ids, jax.ShapeDtypeStruct((cfg.hidden_size, n), jnp.int8),
+                         jax.ShapeDtypeStruct((1, n), jnp.float32))
   step = spec.make_step_fn(tg, dg, options)
-  return step.lower(tp, dp, state).compile().as_text()
+  return step.lower(tp, dp, state, vocab).compile().as_text()
 
 
-def draft_pass_bytes(cfg, draft_cfg, dtype_bytes: int) -> dict:
-  """Bytes one draft pass reads: the head's weights and the LM head rows it projects onto."""
-  _, params = _abstract_params(abstract_draft(draft_cfg))
-  head = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) * dtype_bytes
-  rows = draft_cfg.vocab_size or cfg.vocab_size
-  lm_head = rows * cfg.hidden_size * dtype_bytes
+def draft_pass_bytes(cfg, draft_cfg, dtype_bytes: int, weight_dtype: str = "") -> dict:
+  """Bytes one draft pass reads: the head's weights and the LM head rows it projects onto
+  (int8 kernels: one byte a value plus float32 scales; the rest at dtype_bytes)."""
+  if weight_dtype == "int8":
+    _, params = _abstract_params(abstract_int8_draft(draft_cfg))
+    head = sum(int(np.prod(x.shape)) * (1 if x.dtype == jnp.int8 else
+                                        4 if x.dtype == jnp.float32 and x.ndim > 1 else
+                                        dtype_bytes) for x in jax.tree.leaves(params))
+  else:
+    _, params = _abstract_params(abstract_draft(draft_cfg))
+    head = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) * dtype_bytes
+  rows = draft_cfg.hot_vocab_size or cfg.vocab_size
+  lm_head = rows * cfg.hidden_size * (1 if weight_dtype == "int8" else dtype_bytes)
+  if weight_dtype == "int8":
+    lm_head += rows * 4  # one float32 scale per row
   return {"draft_head_gb": round(head / 1e9, 3), "lm_head_rows": rows,
           "lm_head_gb": round(lm_head / 1e9, 3), "total_gb": round((head + lm_head) / 1e9, 3)}
 
@@ -218,6 +262,8 @@ def main(argv=None):
   ap.add_argument("--draft_kind", default="fspad")
   ap.add_argument("--draft_vocab", type=int, default=0, help="hot draft vocabulary (0: full)")
   ap.add_argument("--draft_dtype_bytes", type=int, default=2, help="for draft_pass bytes")
+  ap.add_argument("--draft_weight", default="", choices=quant.WEIGHT_DTYPES,
+                  help="int8: weight-only int8 draft head (and hot LM head)")
   ap.add_argument("--temperature", type=float, default=0.0)
   ap.add_argument("--json", default=None, help="also write the report here")
   args = ap.parse_args(argv)
@@ -227,6 +273,7 @@ def main(argv=None):
             "backend": jax.default_backend(), "widths": "llama3_8b", "dtype": "float32",
             "batch": args.batch, "cache_len": args.cache_len, "tree": args.tree,
             "draft_kind": args.draft_kind, "draft_vocab": args.draft_vocab,
+            "draft_weight": args.draft_weight or "compute dtype",
             "temperature": args.temperature}
   sampling = SamplingParams(temperature=args.temperature)
   vanilla, speculative = {}, {}
@@ -235,21 +282,22 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, num_layers=layers)
     draft_cfg = draft_config_from_target(cfg, args.draft_kind)
     if args.draft_vocab:
-      draft_cfg = draft_cfg.replace(draft_vocab_size=args.draft_vocab)
+      draft_cfg = draft_cfg.replace(hot_vocab_size=args.draft_vocab)
     vanilla[layers] = audit_hlo(vanilla_hlo(cfg, args.batch, args.cache_len))
     speculative[layers] = audit_hlo(spec_hlo(cfg, draft_cfg, args.batch, args.cache_len,
-                                             depth, top_k, total, sampling))
+                                             depth, top_k, total, sampling, args.draft_weight))
     print(f"[step_ops] {layers} layers: vanilla {vanilla[layers]['ops']} ops, "
           f"speculative {speculative[layers]['ops']} ops", file=sys.stderr)
   cfg32 = llama3_8b_config("float32")
   draft32 = draft_config_from_target(cfg32, args.draft_kind)
   if args.draft_vocab:
-    draft32 = draft32.replace(draft_vocab_size=args.draft_vocab)
+    draft32 = draft32.replace(hot_vocab_size=args.draft_vocab)
   report["vanilla"] = {"fit": fit({k: v["ops"] for k, v in vanilla.items()}),
                        "by_layers": vanilla}
   report["speculative"] = {"fit": fit({k: v["ops"] for k, v in speculative.items()}),
                            "by_layers": speculative}
-  report["draft_pass"] = draft_pass_bytes(cfg32, draft32, args.draft_dtype_bytes)
+  report["draft_pass"] = draft_pass_bytes(cfg32, draft32, args.draft_dtype_bytes,
+                                          args.draft_weight)
   text = json.dumps(report, indent=1)
   print(text)
   if args.json:

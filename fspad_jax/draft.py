@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fspad_jax.config import ConfigError, ModelConfig, RopeConfig
-from fspad_jax.model import (MLP, Attention, AttentionInputs, KVCache, RMSNorm, Transformer,
-                             _param, make_attention_inputs)
+from fspad_jax.model import (Attention, AttentionInputs, KVCache, MLP, RMSNorm, Transformer, _param, kernel, make_attention_inputs)
 
 Array = jax.Array
 
@@ -54,8 +53,12 @@ class DraftConfig:
   fc_bias: bool = True  # EAGLE's `bias` flag in config.json
   vocab_size: int = 0  # the target's (for config.json export and checks); 0 = unknown
   max_position_embeddings: int = 4096
+  hot_vocab_size: int = 0  # N hot token ids the draft proposes (fspad_jax.hot_vocab); 0 = all
 
   def __post_init__(self):
+    if self.hot_vocab_size < 0 or (self.vocab_size and self.hot_vocab_size > self.vocab_size):
+      raise ConfigError(f"draft hot_vocab_size={self.hot_vocab_size} must be in "
+                        f"0..{self.vocab_size} (the target's vocabulary)")
     if self.kind not in DRAFT_KINDS:
       raise ConfigError(f"draft kind {self.kind!r}: expected one of {DRAFT_KINDS}")
     if self.num_heads % self.num_kv_heads:
@@ -127,7 +130,7 @@ class InputFusion(nnx.Module):
 
   def __call__(self, embeddings: Array, features: Array) -> Array:
     inputs = jnp.stack([embeddings, features], axis=2)  # [batch, seq, 2, embed]
-    h = jnp.einsum("bscd,cde->bse", inputs, self.kernel[...])  # [batch, seq, embed]
+    h = jnp.einsum("bscd,cde->bse", inputs, kernel(self, "kernel", inputs.dtype))  # [b, s, d]
     if self.use_bias:
       h = h + self.bias[...]
     return h
@@ -146,9 +149,10 @@ class FeatureSampling(nnx.Module):
 
   def __call__(self, h: Array, embeddings: Array) -> Array:
     inputs = jnp.stack([embeddings, self.norm(h)], axis=2)  # [batch, seq, 2, embed]
-    gate_up = jnp.einsum("bscd,cdf->bscf", inputs, self.gate_up_kernel[...])  # [b, s, 2, d_ff]
+    gate_up = jnp.einsum("bscd,cdf->bscf", inputs,
+                         kernel(self, "gate_up_kernel", inputs.dtype))  # [b, s, 2, d_ff]
     hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]  # [batch, seq, d_ff]
-    return h + jnp.einsum("bsf,fd->bsd", hidden, self.down_kernel[...])
+    return h + jnp.einsum("bsf,fd->bsd", hidden, kernel(self, "down_kernel", hidden.dtype))
 
 
 class DraftLayer(nnx.Module):

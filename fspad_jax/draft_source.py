@@ -17,6 +17,7 @@ import os
 import jax
 from flax import nnx
 
+from fspad_jax import hot_vocab
 from fspad_jax.config import ConfigError, ModelConfig, RopeConfig
 from fspad_jax.draft import DraftConfig, abstract_draft
 from fspad_jax.hf_checkpoint import param_shardings
@@ -83,6 +84,20 @@ def load_draft_for_decode(path: str, target_cfg: ModelConfig, method: str, mesh,
   cfg, graphdef, params = load_draft(path, target_cfg, dtype=dtype, mesh=mesh, rules=rules)
   _check_fit(cfg, target_cfg, method, path)
   return cfg, graphdef, params
+
+
+def load_draft_hot_ids(path: str, cfg: DraftConfig, target_cfg: ModelConfig):
+  """The hot vocabulary of the draft at `path` (loaded by load_draft_for_decode as `cfg`):
+  `hot_vocab.npy` of a train.py run, or an EAGLE-layout directory's `d2t` map; None for a
+  full-vocabulary draft."""
+  if not cfg.hot_vocab_size:
+    return None
+  orbax = _orbax_step_dir(path)
+  if orbax is not None:
+    return hot_vocab.load_hot_ids(os.path.dirname(orbax[1]), target_cfg.vocab_size,
+                                  expected=cfg.hot_vocab_size)
+  from fspad_jax.draft_checkpoint import read_hot_ids
+  return read_hot_ids(path, vocab_size=target_cfg.vocab_size)
 
 
 def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str):

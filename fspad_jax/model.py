@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from fspad_jax.config import ModelConfig, rope_inverse_frequencies
+from fspad_jax.quant import SCALE_SUFFIX, dequantize
 from fspad_jax.sharding import LOGICAL_LAYOUTS
 
 Array = jax.Array
@@ -40,6 +41,14 @@ def _param(rngs: nnx.Rngs, layout: str, shape, dtype, init="normal", std=0.02) -
   else:
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(value, logical_axes=LOGICAL_LAYOUTS[layout])
+
+
+def kernel(module: nnx.Module, name: str, dtype) -> Array:
+  """A module's matmul kernel `name`; dequantized inside the product when the module holds
+  int8 values with per-channel scales (`<name>_scale`, fspad_jax.quant: int8 drafts)."""
+  w = getattr(module, name)[...]
+  scale = getattr(module, name + SCALE_SUFFIX, None)
+  return w if scale is None else dequantize(w, scale[...], dtype)
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -185,8 +194,8 @@ class Attention(nnx.Module):
     """x: [batch, seq, embed]. Writes this block's K/V into layer `layer` of the cache, then
     attends over the cache (or, without a cache, over the block). Returns (out, cache)."""
     cfg = self.cfg
-    q = jnp.einsum("bsd,dhk->bshk", x, self.q_kernel[...])  # [batch, seq, heads, head_dim]
-    kv = jnp.einsum("bsd,dckh->bsckh", x, self.kv_kernel[...])  # [b, s, 2, kv_heads, hd]
+    q = jnp.einsum("bsd,dhk->bshk", x, kernel(self, "q_kernel", x.dtype))  # [b, s, h, hd]
+    kv = jnp.einsum("bsd,dckh->bsckh", x, kernel(self, "kv_kernel", x.dtype))  # [b,s,2,kvh,hd]
     if cfg.qkv_bias:
       q = q + self.q_bias[...]
       kv = kv + self.kv_bias[...]
@@ -214,7 +223,7 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgst,bkth->bskgh", probs, values.astype(x.dtype))
     out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-    out = jnp.einsum("bshk,hkd->bsd", out, self.o_kernel[...])
+    out = jnp.einsum("bshk,hkd->bsd", out, kernel(self, "o_kernel", x.dtype))
     if cfg.o_bias:
       out = out + self.o_bias[...]
     return out, cache
@@ -226,9 +235,9 @@ class MLP(nnx.Module):
     self.down_kernel = _param(rngs, "down_kernel", (d_ff, d_out or d), dtype)
 
   def __call__(self, x: Array) -> Array:
-    gate_up = jnp.einsum("bsd,dcf->bscf", x, self.gate_up_kernel[...])  # [b, s, 2, d_ff]
-    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    return jnp.einsum("bsf,fd->bsd", hidden, self.down_kernel[...])
+    gate_up = jnp.einsum("bsd,dcf->bscf", x, kernel(self, "gate_up_kernel", x.dtype))
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]  # [batch, seq, d_ff]
+    return jnp.einsum("bsf,fd->bsd", hidden, kernel(self, "down_kernel", x.dtype))
 
 
 class DecoderLayer(nnx.Module):

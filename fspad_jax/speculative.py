@@ -45,6 +45,7 @@ from fspad_jax import tree as tree_lib
 from fspad_jax.draft import Draft, draft_logits
 from fspad_jax.generate import (FINISH_LENGTH, FINISH_STOP, is_stop, place_prompts, prefill,
                                 prompt_shardings)
+from fspad_jax.hot_vocab import DraftVocab, hot_logits, make_draft_vocab
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, move_slots, rope_tables
 from fspad_jax.sampling import SamplingParams, sample_tokens
 from fspad_jax.sharding import ShardingRules, replicated, to_host
@@ -110,15 +111,20 @@ class SpecOutput(NamedTuple):
   steps: Array  # [batch] verification steps (target forwards after the prefill)
 
 
-def draft_candidates(target: Transformer, predict: Array, top_k: int) -> tuple[Array, Array]:
-  """The draft's top-K next tokens and their log-probs ([..., K] each) from its `predict`
-  feature [..., embed] (tree.top_candidates: no vocabulary-wide log-softmax)."""
-  return tree_lib.top_candidates(draft_logits(target, predict), top_k)
+def draft_candidates(target: Transformer, predict: Array, top_k: int,
+                     vocab: DraftVocab | None = None) -> tuple[Array, Array]:
+  """The draft's top-K next tokens (target ids) and their log-probs ([..., K] each) from its
+  `predict` feature [..., embed] (tree.top_candidates: no vocabulary-wide log-softmax). With a
+  hot vocabulary, over its N logits only, mapped back to target ids."""
+  if vocab is None:
+    return tree_lib.top_candidates(draft_logits(target, predict), top_k)
+  tokens, logp = tree_lib.top_candidates(hot_logits(vocab, predict, target.cfg.dtype), top_k)
+  return jnp.take(vocab.ids, tokens), logp
 
 
 def draft_prefill(draft: Draft, target: Transformer, features: Array, prompt: Array,
-                  prompt_lengths: Array, first_token: Array, cache: KVCache, top_k: int
-                  ) -> tuple[Array, Array, Array, KVCache]:
+                  prompt_lengths: Array, first_token: Array, cache: KVCache, top_k: int,
+                  vocab: DraftVocab | None = None) -> tuple[Array, Array, Array, KVCache]:
   """Runs the draft over the prompt: position j gets (f(j), e(t(j+1))), where t(len) is the
   first sampled token. Returns (root_tokens, root_logp [batch, K], root_feature [batch, embed],
   cache with lengths = prompt_lengths)."""
@@ -130,12 +136,12 @@ def draft_prefill(draft: Draft, target: Transformer, features: Array, prompt: Ar
   out = draft(features, target.embed(next_tokens), positions,
               cache.replace(lengths=jnp.zeros_like(prompt_lengths)))
   take = lambda x: jnp.take_along_axis(x, last[:, :, None], axis=1)[:, 0]
-  root_tokens, root_logp = draft_candidates(target, take(out.predict), top_k)
+  root_tokens, root_logp = draft_candidates(target, take(out.predict), top_k, vocab)
   return root_tokens, root_logp, take(out.regress), out.cache.replace(lengths=prompt_lengths)
 
 
-def build_tree(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions
-               ) -> tuple[tree_lib.Tree, KVCache]:
+def build_tree(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions,
+               vocab: DraftVocab | None = None) -> tuple[tree_lib.Tree, KVCache]:
   """EAGLE-2 dynamic draft tree from the state's root. Returns (tree, draft cache with the
   scratch area overwritten)."""
   K, D = options.top_k, options.depth
@@ -166,7 +172,7 @@ def build_tree(draft: Draft, target: Transformer, state: SpecState, options: Spe
     write_slots = jnp.broadcast_to(scratch_base + own, (batch, K)).astype(jnp.int32)
     x = draft.fuse_inputs(frontier_feats, target.embed(frontier_tokens))
     predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, write_slots))
-    child_tokens, child_logp = draft_candidates(target, predict, K)  # [batch, K, K] each
+    child_tokens, child_logp = draft_candidates(target, predict, K, vocab)  # [b, K, K] each
     expansion = tree_lib.expand_candidates(buffers.frontier_scores, child_tokens, child_logp)
     buffers = tree_lib.add_level(buffers, level, expansion)
     parent = expansion.frontier_parent_slots  # [batch, K]
@@ -190,9 +196,10 @@ def commit_target_cache(cache: KVCache, accepted_nodes: Array, accept_len: Array
   return move_slots(cache, src, dst, n + jnp.where(active, accept_len + 1, 0))
 
 
-def speculative_step(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions
-                     ) -> SpecState:
-  """Draft a tree, verify it with one target forward, commit the accepted tokens."""
+def speculative_step(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions,
+                     vocab: DraftVocab | None = None) -> SpecState:
+  """Draft a tree, verify it with one target forward, commit the accepted tokens. vocab: the
+  draft's hot vocabulary (None: the full one); verification always uses the full one."""
   batch = state.last_token.shape[0]
   n = state.target_cache.lengths
   active = ~state.done
@@ -202,7 +209,7 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   active = active & ~full
   done = state.done | full
 
-  tree, draft_cache = build_tree(draft, target, state, options)
+  tree, draft_cache = build_tree(draft, target, state, options, vocab)
   positions = n[:, None] + tree.depths  # [batch, T]
   logits, feats, target_cache = target(tree.tokens, positions, state.target_cache,
                                        block_mask=tree.ancestor_mask)
@@ -225,7 +232,8 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   out = draft(path_feats, target.embed(path_next), draft_positions,
               draft_cache.replace(lengths=n), write_slots=write_slots)
   take_last = lambda x: jnp.take_along_axis(x, result.accept_len[:, None, None], axis=1)[:, 0]
-  next_tokens, next_logp = draft_candidates(target, take_last(out.predict), options.top_k)
+  next_tokens, next_logp = draft_candidates(target, take_last(out.predict), options.top_k,
+                                           vocab)
   root_tokens = jnp.where(active[:, None], next_tokens, state.root_tokens)
   root_logp = jnp.where(active[:, None], next_logp, state.root_logp)
   root_feature = jnp.where(active[:, None], take_last(out.regress), state.root_feature)
@@ -259,7 +267,7 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
 
 
 def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths: Array,
-               rng: Array, options: SpecOptions) -> SpecState:
+               rng: Array, options: SpecOptions, vocab: DraftVocab | None = None) -> SpecState:
   """Target and draft prefill, and the first token (sampled from the target)."""
   batch = prompt.shape[0]
   target_cache = KVCache.create(target.cfg, batch, options.cache_len)
@@ -269,7 +277,7 @@ def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths:
   draft_cache = KVCache.create(draft.cfg.layer_config, batch,
                                options.cache_len + options.scratch)
   root_tokens, root_logp, root_feature, draft_cache = draft_prefill(
-      draft, target, feats, prompt, prompt_lengths, first, draft_cache, options.top_k)
+      draft, target, feats, prompt, prompt_lengths, first, draft_cache, options.top_k, vocab)
   output = jnp.full((batch, options.max_new_tokens + options.depth + 1), -1, jnp.int32)
   output = output.at[:, 0].set(first)
   stop = is_stop(first, options.stop_token_ids)
@@ -284,12 +292,13 @@ def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths:
 
 
 def speculative_generate(draft: Draft, target: Transformer, prompt: Array,
-                         prompt_lengths: Array, rng: Array, options: SpecOptions) -> SpecOutput:
+                         prompt_lengths: Array, rng: Array, options: SpecOptions,
+                         vocab: DraftVocab | None = None) -> SpecOutput:
   """Prefill, then speculative steps until every row is done (traceable; loop on device)."""
-  state = init_state(draft, target, prompt, prompt_lengths, rng, options)
+  state = init_state(draft, target, prompt, prompt_lengths, rng, options, vocab)
   state = jax.lax.while_loop(
       lambda s: ~jnp.all(s.done) & (s.step < options.max_new_tokens),
-      lambda s: speculative_step(draft, target, s, options), state)
+      lambda s: speculative_step(draft, target, s, options, vocab), state)
   return SpecOutput(state.output[:, :options.max_new_tokens], state.num_tokens,
                     state.finish_reason, state.accept_history, state.steps)
 
@@ -300,13 +309,23 @@ class SpeculativeGenerator:
   >>> gen = SpeculativeGenerator(target_graphdef, target_params, draft_graphdef,
   ...                            draft_params, mesh)
   >>> out = gen(prompt_np, lengths_np, SpecOptions(max_new_tokens=64), seed=0)
+
+  hot_ids: the draft's hot vocabulary (fspad_jax.hot_vocab), or None for the full one; the
+  LM head is sliced to those rows once, here (and quantized when weight_dtype is "int8":
+  pass a draft quantized by fspad_jax.quant.quantize_draft with it).
   """
 
   def __init__(self, target_graphdef, target_params, draft_graphdef, draft_params, mesh,
-               rules: ShardingRules | None = None):
+               rules: ShardingRules | None = None, hot_ids: np.ndarray | None = None,
+               weight_dtype: str = ""):
     self.target_graphdef, self.target_params = target_graphdef, target_params
     self.draft_graphdef, self.draft_params = draft_graphdef, draft_params
     self.mesh, self.rules = mesh, rules or ShardingRules()
+    self.vocab = None
+    if hot_ids is not None:
+      self.vocab = jax.jit(lambda p, ids: make_draft_vocab(
+          nnx.merge(target_graphdef, p), ids, weight_dtype))(
+              target_params, np.asarray(hot_ids, np.int32))
     self._compiled = {}
 
   def _fn(self, options: SpecOptions, batch: int):
@@ -316,16 +335,16 @@ class SpeculativeGenerator:
       tok_sh, vec_sh = prompt_shardings(self.mesh, self.rules, batch)
       rep = replicated(self.mesh)
 
-      def run(target_params, draft_params, prompt, lengths, rng_data):
+      def run(target_params, draft_params, vocab, prompt, lengths, rng_data):
         target = nnx.merge(tg, target_params)
         draft = nnx.merge(dg, draft_params)
         return speculative_generate(draft, target, prompt, lengths,
-                                    jax.random.wrap_key_data(rng_data), options)
+                                    jax.random.wrap_key_data(rng_data), options, vocab)
 
       shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
       self._compiled[key] = jax.jit(
           run, in_shardings=(shardings(self.target_params), shardings(self.draft_params),
-                             tok_sh, vec_sh, rep),
+                             shardings(self.vocab), tok_sh, vec_sh, rep),
           out_shardings=SpecOutput(rep, rep, rep, rep, rep))
     return self._compiled[key]
 
@@ -336,17 +355,18 @@ class SpeculativeGenerator:
       raise ValueError(f"prompts of {np.shape(prompt)[1]} tokens do not fit cache_len="
                        f"{options.cache_len}")
     placed = place_prompts(prompt, lengths, seed, self.mesh, self.rules)
-    out = self._fn(options, np.shape(prompt)[0])(self.target_params, self.draft_params, *placed)
+    out = self._fn(options, np.shape(prompt)[0])(self.target_params, self.draft_params,
+                                                 self.vocab, *placed)
     return SpecOutput(*(to_host(x) for x in out))
 
 
 def make_step_fn(target_graphdef, draft_graphdef, options: SpecOptions):
   """One speculative step as its own jit, state donated: (target_params, draft_params,
-  state) -> state. For step-wise control (serving loops, benchmarks); `SpeculativeGenerator`
-  runs the same step inside one on-device loop instead."""
-  def step(target_params, draft_params, state):
+  state, vocab=None) -> state. For step-wise control (serving loops, benchmarks);
+  `SpeculativeGenerator` runs the same step inside one on-device loop instead."""
+  def step(target_params, draft_params, state, vocab=None):
     return speculative_step(nnx.merge(draft_graphdef, draft_params),
-                            nnx.merge(target_graphdef, target_params), state, options)
+                            nnx.merge(target_graphdef, target_params), state, options, vocab)
   return jax.jit(step, donate_argnames=("state",))
 
 
