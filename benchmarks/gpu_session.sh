@@ -4,9 +4,11 @@
 # resume (pipeline units and checkpoints persist while the machine stays warm).
 #
 #   bash benchmarks/gpu_session.sh [SECONDS]      # SECONDS: this call's budget (default 585)
-#   bash benchmarks/gpu_session.sh SECONDS step   # issue 9's step figures only, first: kernels
-#       per step (profile_spec), the step against vanilla's loop (spec_bench), vanilla
-#       against the bandwidth bound (decode_bench); no pipeline, no carried data needed
+#   bash benchmarks/gpu_session.sh SECONDS step   # issue 9's step figures only: the op audit
+#       compiled by the GPU backend (step_ops: does it fuse int8 dequantization and the
+#       per-layer cache slice?), kernels per step (profile_spec), the step against vanilla's
+#       loop (spec_bench), vanilla against the bandwidth bound (decode_bench); no pipeline,
+#       no carried data needed
 #
 # Expects, prepared on a machine with package registries (the GPU image lacks them):
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
@@ -68,11 +70,13 @@ benches=("decode_bench.py --shape=llama3_8b --batch 1 8"
          "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8"
          "train_bench.py --shape=llama3_8b"
          "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1")
-[ "$mode" = step ] && benches=("profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"
-                               "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8"
+[ "$mode" = step ] && benches=("step_ops.py --draft_vocab 32768 --draft_weight int8"
+                               "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"
+                               "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8 --draft_vocab 32768"
+                               "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768 --draft_weight int8"
                                "decode_bench.py --shape=llama3_8b --batch 1 8")
 for bench in "${benches[@]}"; do
-  done_file="runs/bench_done.${bench%%.py*}"
+  done_file="runs/bench_done.$(printf %s "$bench" | tr -c "A-Za-z0-9" _)"
   [ -f "$done_file" ] && continue  # finished in an earlier call
   t=$(($(left) - 5))
   [ "$t" -gt 30 ] || { echo "no time left for $bench"; break; }
