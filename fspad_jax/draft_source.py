@@ -113,18 +113,51 @@ def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str
                       f"target's {target_cfg.vocab_size}")
 
 
+# Feature sampling's gate/up kernel was stored [d, 2, d_ff] before it became [2, d, d_ff]
+# (draft.FeatureSampling): checkpoints of either layout decode.
+LEGACY_FS_KERNEL = ("feature_sampling", "gate_up_kernel")
+
+
+def stored_fs_kernel_shape(state_dir: str) -> tuple[int, ...] | None:
+  """The shape of the FS gate/up kernel in an Orbax train state, None if it has none."""
+  import orbax.checkpoint as ocp
+  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = getattr(meta, "item_metadata", None) or meta
+  try:
+    return tuple(tree["params"][LEGACY_FS_KERNEL[0]][LEGACY_FS_KERNEL[1]].shape)
+  except (KeyError, TypeError):
+    return None
+
+
+def is_legacy_fs_layout(state_dir: str, cfg: DraftConfig) -> bool:
+  shape = stored_fs_kernel_shape(state_dir) if cfg.feature_sampling else None
+  return shape == (cfg.hidden_size, 2, cfg.intermediate_size)
+
+
 def _restore_params(step_dir: str, cfg: DraftConfig, mesh, rules: ShardingRules):
   """The float32 master params of a train.py checkpoint, cast to cfg.dtype, sharded."""
   import orbax.checkpoint as ocp
+  state_dir = os.path.join(step_dir, "state")
   abstract = nnx.state(abstract_draft(cfg.replace(dtype="float32")))
   shardings = nnx.to_pure_dict(param_shardings(abstract, mesh, rules))
   target = {"params": jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       nnx.to_pure_dict(abstract), shardings)}
+  legacy = is_legacy_fs_layout(state_dir, cfg)
+  if legacy:  # read the old [d, 2, d_ff] kernel, transpose it below
+    group, name = LEGACY_FS_KERNEL
+    new = target["params"][group][name]
+    target["params"][group][name] = jax.ShapeDtypeStruct(
+        (new.shape[1], new.shape[0], new.shape[2]), new.dtype)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+      state_dir, args=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True))
+  if legacy:
+    group, name = LEGACY_FS_KERNEL
+    restored["params"][group][name] = jax.device_put(
+        jax.numpy.transpose(restored["params"][group][name], (1, 0, 2)),
+        shardings[group][name])
   params = jax.tree.map(lambda x: x.astype(cfg.dtype), restored["params"])
   state = nnx.state(abstract_draft(cfg))
   nnx.replace_by_pure_dict(state, params)

@@ -214,6 +214,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   latest = ckpt.latest_step()
   writer = train_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
   if latest is not None:
+    from fspad_jax.draft_source import is_legacy_fs_layout
+    if is_legacy_fs_layout(os.path.join(ckpt.directory, str(latest), "state"), setup.draft_cfg):
+      raise ConfigError(f"{ckpt.directory}: step {latest} stores the feature-sampling kernel "
+                        "in the older [d, 2, d_ff] layout: decode.py still loads it, but "
+                        "training cannot resume it; use another workdir")
     state, data_state, saved_meta = ckpt.restore(latest, abstract_state, shardings)
     if saved_meta.get("draft_config", {}).get("kind") != setup.draft_cfg.kind:
       raise ConfigError(f"{ckpt.directory} holds a {saved_meta['draft_config']['kind']!r} "
