@@ -32,8 +32,9 @@ hold them per turn, and pooled over the turns at the top level.
 
 `run_decode(..., compare_vanilla=True)` (decode.py --compare_vanilla) also decodes every
 batch with vanilla decoding (a second engine sharing the loaded target weights) and reports
-the speedup from warm calls only: a batch whose shape compiles in this run is decoded again
-and only that second call is timed. Greedy runs also check that the outputs are identical
+the speedup, the ratio of tokens/s, from warm calls only: both engines decode each batch
+`decode.timing_repeats` times without compiling, alternating, and each batch contributes
+the median time of each (_PairedTimer). Greedy runs also check that the outputs are identical
 (`vanilla_match` per record, mismatches listed in the summary with the id, the first
 differing position and, for `turns`, the turn; each later turn's prompt is built from the
 speculative answers and decoded by both). Sampled runs report only the speed.
