@@ -16,9 +16,11 @@ when that marker matches; the hash covers the unit's config and the hashes of it
              fspad_jax.trainer.train with the same data, steps and seeds.
   eval       decode_lib.run_decode for every kind x temperature x dataset (MT-bench, both
              turns; held-out ShareGPT first user turns) with compare_vanilla: tau, per-depth
-             acceptance, speedup over vanilla (warm calls), greedy equality.
+             acceptance, speedup over vanilla (ratio of tokens/s; both decode the same
+             batches, interleaved, warm calls only, medians of repeats), greedy equality.
   report     results.md / results.json and tau.png / acceptance_by_depth.png (rewritten on
-             every run from the finished eval units).
+             every run from the finished eval units), and decode_commands.sh: decode.py
+             commands reusing the target and drafts (the CLI prints the fspad one last).
 
 Resuming: rerun the same command. Unfinished pretraining and draft training continue from
 their last Orbax checkpoint; an unfinished eval unit is decoded again from scratch (its
@@ -585,15 +587,19 @@ def _fmt(x, nd=2) -> str:
   return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def sample_line(results: dict) -> str:
   """The sample behind every row: prompts per dataset, new tokens, timing repeats."""
   s = results.get("sample") or {}
   parts = []
   if s.get("mtbench") is not None:
-    parts.append(f"MT-bench {s['mtbench']} questions ({2 * s['mtbench']} turns, both "
-                 f"decoded)")
+    parts.append(f"MT-bench {_count(s['mtbench'], 'question')} ({2 * s['mtbench']} turns, "
+                 f"both decoded)")
   if s.get("sharegpt") is not None:
-    parts.append(f"held-out ShareGPT {s['sharegpt']} prompts")
+    parts.append(f"held-out ShareGPT {_count(s['sharegpt'], 'prompt')}")
   return (f"Sample per row: {'; '.join(parts) or 'see results.json'}; at most "
           f"{s.get('max_new_tokens')} new tokens per turn, batch {s.get('batch_size')}; "
           f"timing: median of {s.get('timing_repeats')} interleaved warm calls per batch. "
@@ -838,7 +844,9 @@ def write_decode_commands(ctx: Context) -> dict:
 
 def write_report(ctx: Context, rows: list[dict], infos: dict) -> dict:
   e = ctx.config.eval
-  sample = {**(infos.get("prompts") or {}), "max_new_tokens": e.max_new_tokens,
+  prompts = infos.get("prompts") or {}
+  sample = {**{ds: prompts[ds] for ds in e.datasets if ds in prompts},
+            "max_new_tokens": e.max_new_tokens,
             "batch_size": e.batch_size,
             "timing_repeats": e.get("timing_repeats", _timing_repeats_default())}
   results = {"preset": ctx.config.get("preset", ""), "workdir": os.path.abspath(
