@@ -795,7 +795,8 @@ class _PairedTimer:
             "tokens_per_s": spec, "vanilla_tokens_per_s": vanilla,
             "speedup": round(spec / vanilla, 4) if spec and vanilla else None,
             "timing": f"median of {self.repeats} interleaved warm calls per batch "
-                      f"({self.timed_batches} batches); speedup = tokens/s ratio"}
+                      f"({self.timed_batches} batch{'es' if self.timed_batches != 1 else ''});"
+                      f" speedup = tokens/s ratio"}
 
 
 def _rate(tokens: int, seconds: float) -> float | None:
