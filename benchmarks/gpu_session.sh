@@ -4,6 +4,11 @@
 # resume (pipeline units and checkpoints persist while the machine stays warm).
 #
 #   bash benchmarks/gpu_session.sh [SECONDS]      # SECONDS: this call's budget (default 585)
+#   bash benchmarks/gpu_session.sh SECONDS step   # issue 9's step figures only: the op audit
+#       compiled by the GPU backend (step_ops: does it fuse int8 dequantization and the
+#       per-layer cache slice?), kernels per step (profile_spec), the step against vanilla's
+#       loop (spec_bench), vanilla against the bandwidth bound (decode_bench); no pipeline,
+#       no carried data needed
 #
 # Expects, prepared on a machine with package registries (the GPU image lacks them):
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
@@ -17,6 +22,7 @@
 # small_meta.tar.gz (every unit's marker and metrics), bench.log.
 set -uo pipefail
 budget=${1:-585}
+mode=${2:-all}
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 OUT=${OUT:-/tmp/gpu_out}
@@ -40,6 +46,7 @@ EOF
 } 2>&1 | tee -a "$OUT/env.txt"
 
 # --- issue 5: the `small` preset (resumable)
+if [ "$mode" != step ]; then
 [ -f runs/small/tokenizer/.done ] || tar -xJf .carry/small_dt.tar.xz || exit 1
 minutes=$(python3 -c "print(round(($(left) - 25) / 60, 2))")
 (
@@ -55,14 +62,21 @@ cp runs/small/results.md runs/small/results.json runs/small/*.png "$OUT/" 2>/dev
   | tar -czf "$OUT/small_meta.tar.gz" --null -T -)
 echo "pipeline exit $rc, $(left) s left"
 [ "$rc" = 0 ] || exit "$rc"
+fi
 
 # --- issues 2 and 4: Llama-3-8B shapes, random bf16 weights
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-for bench in "decode_bench.py --shape=llama3_8b --batch 1 8" \
-             "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8" \
-             "train_bench.py --shape=llama3_8b" \
-             "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"; do
-  done_file="runs/bench_done.${bench%%.py*}"
+benches=("decode_bench.py --shape=llama3_8b --batch 1 8"
+         "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8"
+         "train_bench.py --shape=llama3_8b"
+         "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1")
+[ "$mode" = step ] && benches=("step_ops.py --draft_vocab 32768 --draft_weight int8"
+                               "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"
+                               "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8 --draft_vocab 32768"
+                               "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768 --draft_weight int8"
+                               "decode_bench.py --shape=llama3_8b --batch 1 8")
+for bench in "${benches[@]}"; do
+  done_file="runs/bench_done.$(printf %s "$bench" | tr -c "A-Za-z0-9" _)"
   [ -f "$done_file" ] && continue  # finished in an earlier call
   t=$(($(left) - 5))
   [ "$t" -gt 30 ] || { echo "no time left for $bench"; break; }

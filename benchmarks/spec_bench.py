@@ -21,6 +21,8 @@ phases (vanilla_step .. verify) are synchronous calls of their own jit: they inc
 per-call dispatch of every parameter buffer, which the loops do not pay.
 
   python benchmarks/spec_bench.py --shape=llama3_8b --batch 1 8    # lent GPU
+  python benchmarks/spec_bench.py --shape=llama3_8b --batch 1 8 --draft_vocab 32768 \
+      [--draft_weight int8]                                         # hot vocabulary
   python benchmarks/spec_bench.py --shape=small --batch 1 8        # CPU
 """
 
@@ -67,7 +69,23 @@ def options_for(depth: int, top_k: int, total_tokens: int, prefix: int, steps: i
                           cache_len=prefix + total_tokens + 64 + steps * (depth + 1))
 
 
-def random_state(cfg, tg, tp, dg, dp, batch: int, prefix: int, options: spec.SpecOptions):
+def draft_variant(cfg, tg, tp, dg, dp, draft_vocab: int, draft_weight: str):
+  """(dg, dp, vocab): the draft as decoding would run it, with a hot vocabulary of the first
+  `draft_vocab` ids (0: full; with random weights which ids are hot does not change the cost)
+  and int8 weights if asked."""
+  from fspad_jax import quant
+  from fspad_jax.hot_vocab import make_draft_vocab
+  if draft_weight == "int8":
+    dg, dp = quant.quantize_draft(dg, dp)
+  vocab = None
+  if draft_vocab:
+    vocab = jax.jit(lambda p, ids: make_draft_vocab(nnx.merge(tg, p), ids, draft_weight))(
+        tp, np.arange(draft_vocab, dtype=np.int32))
+  return dg, dp, vocab
+
+
+def random_state(cfg, tg, tp, dg, dp, batch: int, prefix: int, options: spec.SpecOptions,
+                 vocab=None):
   """(prompt [batch, prefix] of random tokens, the SpecState after prefilling it)."""
   rs = np.random.RandomState(0)
   prompt = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, prefix)), jnp.int32)
@@ -75,7 +93,7 @@ def random_state(cfg, tg, tp, dg, dp, batch: int, prefix: int, options: spec.Spe
 
   def init(tp, dp, prompt, lengths):
     return spec.init_state(nnx.merge(dg, dp), nnx.merge(tg, tp), prompt, lengths,
-                           jax.random.key(0), options)
+                           jax.random.key(0), options, vocab)
   return prompt, jax.block_until_ready(jax.jit(init)(tp, dp, prompt, lengths))
 
 
@@ -101,9 +119,12 @@ def main():
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--loop_steps", type=int, default=16)
   ap.add_argument("--vanilla_tokens", type=int, default=64)
+  ap.add_argument("--draft_vocab", type=int, default=0, help="hot draft vocabulary (0: full)")
+  ap.add_argument("--draft_weight", default="", choices=("", "int8"))
   args = ap.parse_args()
 
   cfg, tg, tp, dg, dp = random_models(args.shape, args.dtype)
+  dg, dp, vocab = draft_variant(cfg, tg, tp, dg, dp, args.draft_vocab, args.draft_weight)
   itemsize = jnp.dtype(cfg.dtype).itemsize
   target_bytes = tree_bytes(tp)
   lm_head_bytes = cfg.hidden_size * cfg.vocab_size * itemsize
@@ -113,7 +134,7 @@ def main():
   options = options_for(args.depth, args.top_k, args.total_tokens, args.prefix, steps_run)
   records = []
   for batch in args.batch:
-    prompt, state = random_state(cfg, tg, tp, dg, dp, batch, args.prefix, options)
+    prompt, state = random_state(cfg, tg, tp, dg, dp, batch, args.prefix, options, vocab)
     kv_bytes = (2 * cfg.num_layers * batch * args.prefix * cfg.num_kv_heads * cfg.head_dim
                 * itemsize)
 
@@ -129,16 +150,16 @@ def main():
       draft, tgt = nnx.merge(dg, dp), nnx.merge(tg, tp)
       k = options.top_k
       feats = jnp.broadcast_to(state.root_feature[:, None], (batch, k, cfg.hidden_size))
-      tokens = jax.lax.top_k(state.root_logp, k)[1]
+      tokens = state.root_tokens
       positions = jnp.broadcast_to(state.draft_cache.lengths[:, None], (batch, k))
       out = draft(feats, tgt.embed(tokens), positions, state.draft_cache,
                   block_mask=jnp.eye(k, dtype=bool)[None].repeat(batch, 0))
-      return spec._draft_logp(tgt, out.predict)
+      return spec.draft_candidates(tgt, out.predict, k, vocab)
     t_pass = timeit(jax.jit(draft_pass), tp, dp, state, iters=args.iters)
 
     # --- whole tree draft
     def tree_draft(tp, dp, state):
-      tree, _ = spec.build_tree(nnx.merge(dg, dp), nnx.merge(tg, tp), state, options)
+      tree, _ = spec.build_tree(nnx.merge(dg, dp), nnx.merge(tg, tp), state, options, vocab)
       return tree
     t_tree = timeit(jax.jit(tree_draft), tp, dp, state, iters=args.iters)
     tree = jax.jit(tree_draft)(tp, dp, state)
@@ -156,16 +177,16 @@ def main():
     step_fn = spec.make_step_fn(tg, dg, options)
     chained = jax.tree.map(jnp.copy, state)
     for _ in range(2):
-      chained = step_fn(tp, dp, chained)
+      chained = step_fn(tp, dp, chained, vocab)
     jax.block_until_ready(chained)
     t0 = time.perf_counter()
     for _ in range(args.iters):
-      chained = step_fn(tp, dp, chained)
+      chained = step_fn(tp, dp, chained, vocab)
     jax.block_until_ready(chained)
     t_step = (time.perf_counter() - t0) / args.iters
 
     def full_step(tp, dp, state):
-      return spec.speculative_step(nnx.merge(dg, dp), nnx.merge(tg, tp), state, options)
+      return spec.speculative_step(nnx.merge(dg, dp), nnx.merge(tg, tp), state, options, vocab)
 
     def loop(tp, dp, state):
       return jax.lax.fori_loop(0, args.loop_steps, lambda i, s: full_step(tp, dp, s), state)
@@ -207,7 +228,8 @@ def main():
     def tree_body(target, draft, st, carry):
       cache, feature = carry
       tree, cache = spec.build_tree(draft, target, st._replace(draft_cache=cache,
-                                                               root_feature=feature), options)
+                                                               root_feature=feature), options,
+                                    vocab)
       return cache, feature + (tree.tokens[:, :1] % 2).astype(feature.dtype)
     d_tree = device_time(tree_body, state, (state.draft_cache, state.root_feature))
 
@@ -227,6 +249,8 @@ def main():
     commit = max(t_step - t_tree - t_verify, 0.0)
     records.append({
         "shape": args.shape, "dtype": cfg.dtype, "batch": batch, "prefix": args.prefix,
+        "draft_vocab": args.draft_vocab or cfg.vocab_size,
+        "draft_weight": args.draft_weight or cfg.dtype,
         "tree": [options.depth, options.top_k, options.total_tokens],
         "bandwidth_GBps": bandwidth / 1e9, "target_GB": target_bytes / 1e9,
         "draft_GB": draft_bytes / 1e9, "lm_head_GB": lm_head_bytes / 1e9,

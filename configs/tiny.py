@@ -60,6 +60,12 @@ def draft_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype; master weights are always float32
   c.shape = ml_collections.ConfigDict(
       {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0})
+  # Hot vocabulary (FR-Spec): draft over the N most frequent assistant tokens of the data,
+  # read from the target's LM head restricted to them; 0 = the full vocabulary.
+  c.vocab_size = 0
+  # Decoding: "int8" quantizes the draft head (and its hot LM head) weight-only, per output
+  # channel, at load; "" keeps the compute dtype. Lossless either way (the target verifies).
+  c.weight_dtype = ""
   return c
 
 

@@ -60,6 +60,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from fspad_jax.hot_vocab import TOKEN_COUNTS_FILE, count_assistant_tokens
+
 logger = logging.getLogger(__name__)
 
 USER_ROLES = frozenset({"human", "user"})
@@ -72,7 +74,7 @@ MAX_EXAMPLE_LINES = 5  # line numbers kept per bad kind
 
 DATASET_VERSION = "1.0.0"
 # Bump when tokenization / masking / splitting changes, so old prepared dirs are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: token_counts.npy (hot_vocab) is written with the data
 REPORT_FILE = "prepare_report.json"
 SPLITS = ("train", "validation")
 
@@ -623,7 +625,8 @@ def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: s
   The report: {"records": conversations parsed, "train"/"validation": examples written,
   "truncated": examples cut to max_len, "bad": {kind: {"count", "lines", "detail"}},
   "reused": whether an existing preparation was returned}. It is logged and stored as
-  prepare_report.json beside the data. Run it on one process; readers then open
+  prepare_report.json beside the data, with token_counts.npy (assistant-token frequencies of
+  the training split, fspad_jax.hot_vocab). Run it on one process; readers then open
   builder_dir from any process. chat_template: see hf_checkpoint.load_tokenizer.
   num_workers: tokenizing processes (resolve_num_workers; 0 = automatic); the prepared data
   does not depend on it."""
@@ -669,6 +672,9 @@ def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: s
                              file_format="array_record")
   with _tfds_bars_off():  # nested bars that leave escape codes in logs
     builder.download_and_prepare(download_dir=os.path.join(data_root, "downloads"))
+  # Assistant-token frequencies of the training split, for a hot draft vocabulary.
+  counts = count_assistant_tokens(examples["train"], len(tokenizer))
+  np.save(os.path.join(builder_dir, TOKEN_COUNTS_FILE), counts)
   tmp_path = os.path.join(builder_dir, REPORT_FILE + ".tmp")
   with open(tmp_path, "w") as f:
     json.dump(report, f, indent=2)

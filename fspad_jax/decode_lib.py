@@ -54,7 +54,8 @@ import numpy as np
 
 from fspad_jax import console
 from fspad_jax.config import ConfigError
-from fspad_jax.draft_source import METHOD_KINDS, load_draft_for_decode
+from fspad_jax.draft_source import METHOD_KINDS, load_draft_for_decode, load_draft_hot_ids
+from fspad_jax.quant import check_weight_dtype, quantize_draft
 from fspad_jax.generate import (FINISH_REASONS, GenerateOptions, GenerateOutput,
                                 VanillaGenerator)
 from fspad_jax.hf_checkpoint import CheckpointError, load_target, load_tokenizer, resolve_model_dir
@@ -259,9 +260,16 @@ def _build_speculative(engine: "DecodeEngine", graphdef, params):
                       f"directory)")
   cfg, draft_graphdef, draft_params = load_draft_for_decode(
       path, engine.cfg, method, engine.mesh, engine.rules)
-  engine.draft_info = {"path": os.path.abspath(path), "kind": cfg.kind, "dtype": cfg.dtype}
+  hot_ids = load_draft_hot_ids(path, cfg, engine.cfg)
+  weight_dtype = check_weight_dtype(_get(engine.config, "draft.weight_dtype", ""))
+  if weight_dtype == "int8":
+    draft_graphdef, draft_params = quantize_draft(draft_graphdef, draft_params, engine.mesh)
+  engine.draft_info = {"path": os.path.abspath(path), "kind": cfg.kind, "dtype": cfg.dtype,
+                       "weight_dtype": weight_dtype or cfg.dtype,
+                       "vocab_size": cfg.hot_vocab_size or engine.cfg.vocab_size}
   generator = SpeculativeGenerator(graphdef, params, draft_graphdef, draft_params,
-                                   engine.mesh, engine.rules)
+                                   engine.mesh, engine.rules, hot_ids=hot_ids,
+                                   weight_dtype=weight_dtype)
   return _Speculative(generator, engine.settings)
 
 

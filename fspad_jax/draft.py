@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fspad_jax.config import ConfigError, ModelConfig, RopeConfig
-from fspad_jax.model import (MLP, Attention, AttentionInputs, KVCache, RMSNorm, Transformer,
-                             _param, make_attention_inputs)
+from fspad_jax.model import (Attention, AttentionInputs, KVCache, MLP, RMSNorm, Transformer, _param, kernel, make_attention_inputs)
 
 Array = jax.Array
 
@@ -54,8 +53,12 @@ class DraftConfig:
   fc_bias: bool = True  # EAGLE's `bias` flag in config.json
   vocab_size: int = 0  # the target's (for config.json export and checks); 0 = unknown
   max_position_embeddings: int = 4096
+  hot_vocab_size: int = 0  # N hot token ids the draft proposes (fspad_jax.hot_vocab); 0 = all
 
   def __post_init__(self):
+    if self.hot_vocab_size < 0 or (self.vocab_size and self.hot_vocab_size > self.vocab_size):
+      raise ConfigError(f"draft hot_vocab_size={self.hot_vocab_size} must be in "
+                        f"0..{self.vocab_size} (the target's vocabulary)")
     if self.kind not in DRAFT_KINDS:
       raise ConfigError(f"draft kind {self.kind!r}: expected one of {DRAFT_KINDS}")
     if self.num_heads % self.num_kv_heads:
@@ -127,7 +130,7 @@ class InputFusion(nnx.Module):
 
   def __call__(self, embeddings: Array, features: Array) -> Array:
     inputs = jnp.stack([embeddings, features], axis=2)  # [batch, seq, 2, embed]
-    h = jnp.einsum("bscd,cde->bse", inputs, self.kernel[...])  # [batch, seq, embed]
+    h = jnp.einsum("bscd,cde->bse", inputs, kernel(self, "kernel", inputs.dtype))  # [b, s, d]
     if self.use_bias:
       h = h + self.bias[...]
     return h
@@ -138,20 +141,23 @@ class FeatureSampling(nnx.Module):
 
   def __init__(self, d: int, d_ff: int, eps: float, dtype, rngs: nnx.Rngs):
     self.norm = RMSNorm(d, eps, dtype, rngs)
-    # [:, 0] = W_gate (reads the embedding), [:, 1] = W_up (reads RMSNorm(h)).
-    self.gate_up_kernel = _param(rngs, "gate_up_kernel", (d, 2, d_ff), dtype)
+    # [0] = W_gate (reads the embedding), [1] = W_up (reads RMSNorm(h)). Stacked first: the
+    # two read different inputs, so the stack is a batch axis of the matmul, and a batch
+    # axis must lead for the matmul to read the kernel without a transposed copy per call.
+    self.gate_up_kernel = _param(rngs, "fs_gate_up_kernel", (2, d, d_ff), dtype)
     self.down_kernel = _param(rngs, "down_kernel", (d_ff, d), dtype)
 
   def __call__(self, h: Array, embeddings: Array) -> Array:
     inputs = jnp.stack([embeddings, self.norm(h)], axis=2)  # [batch, seq, 2, embed]
-    gate_up = jnp.einsum("bscd,dcf->bscf", inputs, self.gate_up_kernel[...])  # [b, s, 2, d_ff]
+    gate_up = jnp.einsum("bscd,cdf->bscf", inputs,
+                         kernel(self, "gate_up_kernel", inputs.dtype))  # [b, s, 2, d_ff]
     hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]  # [batch, seq, d_ff]
-    return h + jnp.einsum("bsf,fd->bsd", hidden, self.down_kernel[...])
+    return h + jnp.einsum("bsf,fd->bsd", hidden, kernel(self, "down_kernel", hidden.dtype))
 
 
 class DraftLayer(nnx.Module):
   """EAGLE's decoder layer (no input RMSNorm). With `split_output`, PAD's 2d-wide MLP on a
-  duplicated residual; returns (predict, regress, cache_k, cache_v)."""
+  duplicated residual; returns (predict, regress, cache)."""
 
   def __init__(self, layer_cfg: ModelConfig, split_output: bool, rngs: nnx.Rngs):
     d, dt = layer_cfg.hidden_size, layer_cfg.dtype
@@ -161,16 +167,16 @@ class DraftLayer(nnx.Module):
     self.mlp = MLP(d, layer_cfg.intermediate_size, dt, rngs,
                    d_out=2 * d if split_output else None)
 
-  def __call__(self, x: Array, cache_k: Array, cache_v: Array, att: AttentionInputs):
-    h, cache_k, cache_v = self.attn(x, cache_k, cache_v, att)
+  def __call__(self, x: Array, cache: KVCache, att: AttentionInputs):
+    h, cache = self.attn(x, cache, 0, att)
     a = x + h  # [batch, seq, embed]: post-attention hidden state
     update = self.mlp(self.post_attn_norm(a))  # [batch, seq, embed or 2*embed]
     if not self.split_output:
       out = a + update
-      return out, out, cache_k, cache_v
+      return out, out, cache
     d = a.shape[-1]
     out = jnp.concatenate([a, a], axis=-1) + update  # [batch, seq, 2*embed]
-    return out[..., :d], out[..., d:], cache_k, cache_v
+    return out[..., :d], out[..., d:], cache
 
 
 class Draft(nnx.Module):
@@ -208,8 +214,8 @@ class Draft(nnx.Module):
     att = make_attention_inputs(self.cfg.layer_config, positions, cache.lengths, cache.max_len,
                                 block_mask, write_slots)
     x = self.fuse_inputs(features, embeddings)
-    predict, regress, cache_k, cache_v = self.layer(x, cache.k[0], cache.v[0], att)
-    return DraftOutput(predict, regress, cache.replace(k=(cache_k,), v=(cache_v,)))
+    predict, regress, cache = self.layer(x, cache, att)
+    return DraftOutput(predict, regress, cache)
 
 
 def init_draft(cfg: DraftConfig, seed: int = 0) -> Draft:

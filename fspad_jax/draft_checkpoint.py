@@ -46,8 +46,9 @@ from flax import nnx
 
 from fspad_jax.config import ConfigError, ModelConfig, _parse_rope, read_config_json
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft
-from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _linear,
-                                     _stacked_linear, param_shardings, to_hf_tensors)
+from fspad_jax.hot_vocab import validate_hot_ids
+from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _LazyStack,
+                                     _linear, _stacked_linear, param_shardings, to_hf_tensors)
 from fspad_jax.safetensors_io import TensorIndex, write_safetensors
 from fspad_jax.sharding import ShardingRules, to_host
 
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 LAYER_PREFIX = "layers.0."
 EMBEDDING_NAME = "embed_tokens.weight"
+# EAGLE-3's hot-vocabulary maps: target id = draft id + d2t[draft id]; t2d[target id] is true
+# for the target ids the draft covers. A draft that has them proposes only those tokens.
+D2T_NAME, T2D_NAME = "d2t", "t2d"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -85,7 +89,8 @@ def draft_tensor_mappings(cfg: DraftConfig) -> dict[tuple, TensorMapping]:
     fs = ("feature_sampling",)
     m[fs + ("norm", "weight")] = TensorMapping(("fc.post_attention_layernorm.weight",), *same)
     m[fs + ("gate_up_kernel",)] = TensorMapping(
-        ("fc.mlp.gate_proj.weight", "fc.mlp.up_proj.weight"), *_stacked_linear((f,)))
+        ("fc.mlp.gate_proj.weight", "fc.mlp.up_proj.weight"),
+        lambda v: _LazyStack([w.T for w in v], axis=0), lambda x: [x[0].T, x[1].T])  # [2, d, f]
     m[fs + ("down_kernel",)] = TensorMapping(("fc.mlp.down_proj.weight",), *_linear((d,)))
   p, a, L = LAYER_PREFIX, LAYER_PREFIX + "self_attn.", ("layer",)
   m[L + ("attn", "q_kernel")] = TensorMapping((a + "q_proj.weight",), *_linear((h, hd)))
@@ -249,6 +254,7 @@ def draft_config_dict(cfg: DraftConfig) -> dict:
       "max_position_embeddings": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
       "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
       "torch_dtype": cfg.dtype,
+      **({"draft_vocab_size": cfg.hot_vocab_size} if cfg.hot_vocab_size else {}),
   }
 
 
@@ -258,7 +264,7 @@ def draft_config_dict(cfg: DraftConfig) -> dict:
 
 def _check_names(tensors, mappings: dict, draft_dir: str, kind: str) -> None:
   expected = {n for mp in mappings.values() for n in mp.hf_names}
-  present = set(tensors.names())
+  present = set(tensors.names()) - {D2T_NAME, T2D_NAME}
   if EMBEDDING_NAME in present:
     logger.info("%s: ignoring %s %s: the draft uses the target's token embedding", draft_dir,
                 EMBEDDING_NAME, tensors.shape(EMBEDDING_NAME))
@@ -310,6 +316,13 @@ def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: s
     if not cfg.vocab_size:
       cfg = cfg.replace(vocab_size=target_cfg.vocab_size)
 
+  hot = read_hot_ids(draft_dir, tensors, target_cfg.vocab_size if target_cfg else None)
+  declared = raw.get("draft_vocab_size")
+  if declared is not None and (hot is None or int(declared) != hot.size):
+    raise DraftCheckpointError(f"{path}: draft_vocab_size={declared}, but the weights have "
+                               f"{'no d2t map' if hot is None else f'a d2t map of {hot.size} ids'}")
+  if hot is not None:
+    cfg = cfg.replace(hot_vocab_size=int(hot.size))
   mappings = draft_tensor_mappings(cfg)
   _check_names(tensors, mappings, draft_dir, kind)
   graphdef, abstract_state = nnx.split(abstract_draft(cfg))
@@ -341,14 +354,44 @@ def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: s
   return cfg, graphdef, nnx.from_flat_state(loaded)
 
 
+def read_hot_ids(draft_dir: str, tensors=None, vocab_size: int | None = None
+                 ) -> np.ndarray | None:
+  """The draft directory's hot vocabulary from EAGLE-3's `d2t` (and `t2d`, checked against it
+  when present), or None when it has none. Refuses maps that do not fit the target."""
+  tensors = tensors if tensors is not None else read_draft_tensors(draft_dir)
+  names = set(tensors.names())
+  if D2T_NAME not in names:
+    if T2D_NAME in names:
+      raise DraftCheckpointError(f"{draft_dir}: tensor {T2D_NAME!r} without {D2T_NAME!r}")
+    return None
+  d2t = np.asarray(tensors.view(D2T_NAME))
+  if d2t.ndim != 1 or not np.issubdtype(d2t.dtype, np.integer):
+    raise DraftCheckpointError(f"{draft_dir}: tensor {D2T_NAME!r} must be 1-D integers, got "
+                               f"{d2t.dtype} {list(d2t.shape)}")
+  ids = np.arange(d2t.size) + d2t.astype(np.int64)
+  try:
+    ids = validate_hot_ids(ids, vocab_size or int(ids.max()) + 1, f"{draft_dir}: tensor 'd2t'")
+  except ConfigError as e:
+    raise DraftCheckpointError(str(e)) from None
+  if T2D_NAME in names:
+    t2d = np.asarray(tensors.view(T2D_NAME)).astype(bool)
+    if t2d.ndim != 1 or (vocab_size and t2d.size != vocab_size) or not np.array_equal(
+        np.flatnonzero(t2d), np.sort(ids)):
+      raise DraftCheckpointError(f"{draft_dir}: tensor {T2D_NAME!r} does not mark the ids that "
+                                 f"{D2T_NAME!r} maps to")
+  return ids
+
+
 def save_draft(draft_dir: str, cfg: DraftConfig, params: nnx.State,
-               save_dtype: str | None = None, embedding: np.ndarray | None = None) -> None:
+               save_dtype: str | None = None, embedding: np.ndarray | None = None,
+               hot_ids: np.ndarray | None = None) -> None:
   """Writes config.json + model.safetensors in the EAGLE/FSPAD layout (module docstring).
 
   'eagle' drafts load in engines that serve EAGLE-1/2 heads; the other kinds carry the
   official FSPAD names and `"draft_kind"`. `embedding` ([vocab, embed], the target's table)
   is written as `embed_tokens.weight` for loaders that require it (EAGLE's and FSPAD's own
-  code load with strict=True); fspad_jax ignores it on loading.
+  code load with strict=True); fspad_jax ignores it on loading. `hot_ids` (a hot vocabulary,
+  fspad_jax.hot_vocab) are written as EAGLE-3's `d2t` offsets and `t2d` mask.
   """
   os.makedirs(draft_dir, exist_ok=True)
   np_dtype = NP_DTYPES[save_dtype or cfg.dtype]
@@ -359,6 +402,12 @@ def save_draft(draft_dir: str, cfg: DraftConfig, params: nnx.State,
       raise DraftCheckpointError(f"embedding has shape {embedding.shape}; expected "
                                  f"[vocab, {cfg.hidden_size}]")
     tensors[EMBEDDING_NAME] = np.ascontiguousarray(embedding.astype(np.float32).astype(np_dtype))
+  if hot_ids is not None:
+    ids = validate_hot_ids(hot_ids, cfg.vocab_size or int(np.max(hot_ids)) + 1, "hot_ids")
+    tensors[D2T_NAME] = (ids - np.arange(ids.size)).astype(np.int64)
+    if cfg.vocab_size:
+      tensors[T2D_NAME] = np.isin(np.arange(cfg.vocab_size), ids)
+    cfg = cfg.replace(hot_vocab_size=int(ids.size))
   if jax.process_index() == 0:
     write_safetensors(os.path.join(draft_dir, "model.safetensors"), tensors,
                       metadata={"format": "pt"})

@@ -17,6 +17,7 @@ import os
 import jax
 from flax import nnx
 
+from fspad_jax import hot_vocab
 from fspad_jax.config import ConfigError, ModelConfig, RopeConfig
 from fspad_jax.draft import DraftConfig, abstract_draft
 from fspad_jax.hf_checkpoint import param_shardings
@@ -85,6 +86,20 @@ def load_draft_for_decode(path: str, target_cfg: ModelConfig, method: str, mesh,
   return cfg, graphdef, params
 
 
+def load_draft_hot_ids(path: str, cfg: DraftConfig, target_cfg: ModelConfig):
+  """The hot vocabulary of the draft at `path` (loaded by load_draft_for_decode as `cfg`):
+  `hot_vocab.npy` of a train.py run, or an EAGLE-layout directory's `d2t` map; None for a
+  full-vocabulary draft."""
+  if not cfg.hot_vocab_size:
+    return None
+  orbax = _orbax_step_dir(path)
+  if orbax is not None:
+    return hot_vocab.load_hot_ids(os.path.dirname(orbax[1]), target_cfg.vocab_size,
+                                  expected=cfg.hot_vocab_size)
+  from fspad_jax.draft_checkpoint import read_hot_ids
+  return read_hot_ids(path, vocab_size=target_cfg.vocab_size)
+
+
 def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str):
   if cfg.kind not in METHOD_KINDS[method]:
     article = "an" if cfg.kind[0] in "aeiou" else "a"
@@ -98,18 +113,51 @@ def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str
                       f"target's {target_cfg.vocab_size}")
 
 
+# Feature sampling's gate/up kernel was stored [d, 2, d_ff] before it became [2, d, d_ff]
+# (draft.FeatureSampling): checkpoints of either layout decode.
+LEGACY_FS_KERNEL = ("feature_sampling", "gate_up_kernel")
+
+
+def stored_fs_kernel_shape(state_dir: str) -> tuple[int, ...] | None:
+  """The shape of the FS gate/up kernel in an Orbax train state, None if it has none."""
+  import orbax.checkpoint as ocp
+  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = getattr(meta, "item_metadata", None) or meta
+  try:
+    return tuple(tree["params"][LEGACY_FS_KERNEL[0]][LEGACY_FS_KERNEL[1]].shape)
+  except (KeyError, TypeError):
+    return None
+
+
+def is_legacy_fs_layout(state_dir: str, cfg: DraftConfig) -> bool:
+  shape = stored_fs_kernel_shape(state_dir) if cfg.feature_sampling else None
+  return shape == (cfg.hidden_size, 2, cfg.intermediate_size)
+
+
 def _restore_params(step_dir: str, cfg: DraftConfig, mesh, rules: ShardingRules):
   """The float32 master params of a train.py checkpoint, cast to cfg.dtype, sharded."""
   import orbax.checkpoint as ocp
+  state_dir = os.path.join(step_dir, "state")
   abstract = nnx.state(abstract_draft(cfg.replace(dtype="float32")))
   shardings = nnx.to_pure_dict(param_shardings(abstract, mesh, rules))
   target = {"params": jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       nnx.to_pure_dict(abstract), shardings)}
+  legacy = is_legacy_fs_layout(state_dir, cfg)
+  if legacy:  # read the old [d, 2, d_ff] kernel, transpose it below
+    group, name = LEGACY_FS_KERNEL
+    new = target["params"][group][name]
+    target["params"][group][name] = jax.ShapeDtypeStruct(
+        (new.shape[1], new.shape[0], new.shape[2]), new.dtype)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+      state_dir, args=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True))
+  if legacy:
+    group, name = LEGACY_FS_KERNEL
+    restored["params"][group][name] = jax.device_put(
+        jax.numpy.transpose(restored["params"][group][name], (1, 0, 2)),
+        shardings[group][name])
   params = jax.tree.map(lambda x: x.astype(cfg.dtype), restored["params"])
   state = nnx.state(abstract_draft(cfg))
   nnx.replace_by_pure_dict(state, params)

@@ -73,9 +73,40 @@ def constrain_cache(cache: KVCache, mesh, rules: ShardingRules) -> KVCache:
   """Pins the cache's sharding inside jit (batch over data/fsdp, kv heads over tensor)."""
   if mesh is None:
     return cache
-  s = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], cache.k[0].shape)
+  s = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], cache.k.shape)
   c = lambda x: jax.lax.with_sharding_constraint(x, s)
-  return cache.replace(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)))
+  return cache.replace(k=c(cache.k), v=c(cache.v))
+
+
+class DecodeState(NamedTuple):
+  """Vanilla decoding state between tokens (one row per prompt)."""
+
+  step: Array  # scalar int32: next column of `tokens`
+  tokens: Array  # [batch, max_new_tokens] int32, -1 padded
+  cache: KVCache
+  last: Array  # [batch] int32: the newest token, not yet run through the target
+  done: Array  # [batch] bool
+  num: Array  # [batch] int32: tokens emitted so far
+  rng: Array
+
+
+def decode_step(model: Transformer, state: DecodeState, options: GenerateOptions
+                ) -> DecodeState:
+  """One target forward over each row's newest token, then sample the next one."""
+  step, tokens, cache, last, done, num, rng = state
+  positions = cache.lengths[:, None]  # [batch, 1]
+  logits, _, cache = model(last[:, None], positions, cache)
+  cache = cache.replace(lengths=cache.lengths + (~done).astype(jnp.int32))
+  if options.sampling.greedy:
+    nxt = sample_tokens(None, logits[:, 0], options.sampling)  # no PRNG work when greedy
+  else:
+    rng, sub = jax.random.split(rng)
+    nxt = sample_tokens(sub, logits[:, 0], options.sampling)
+  nxt = jnp.where(done, -1, nxt)
+  tokens = tokens.at[:, step].set(nxt)
+  num = num + (~done).astype(jnp.int32)
+  done = done | is_stop(nxt, options.stop_token_ids) | (num >= options.max_new_tokens)
+  return DecodeState(step + 1, tokens, cache, jnp.maximum(nxt, 0), done, num, rng)
 
 
 def generate(model: Transformer, prompt: Array, prompt_lengths: Array, rng: Array,
@@ -91,27 +122,11 @@ def generate(model: Transformer, prompt: Array, prompt_lengths: Array, rng: Arra
   first = sample_tokens(sub, logits, options.sampling)  # [batch]
   tokens = jnp.full((batch, max_new), -1, jnp.int32).at[:, 0].set(first)
   done = is_stop(first, options.stop_token_ids) | (max_new <= 1)
-  num = jnp.ones((batch,), jnp.int32)
-
-  def cond(state):
-    step, _, _, _, done, _, _ = state
-    return (step < max_new) & ~jnp.all(done)
-
-  def body(state):
-    step, tokens, cache, last, done, num, rng = state
-    positions = cache.lengths[:, None]
-    logits, _, cache = model(last[:, None], positions, cache)
-    cache = cache.replace(lengths=cache.lengths + (~done).astype(jnp.int32))
-    rng, sub = jax.random.split(rng)
-    nxt = sample_tokens(sub, logits[:, 0], options.sampling)
-    nxt = jnp.where(done, -1, nxt)
-    tokens = tokens.at[:, step].set(nxt)
-    num = num + (~done).astype(jnp.int32)
-    done = done | is_stop(nxt, options.stop_token_ids) | (num >= max_new)
-    return step + 1, tokens, cache, jnp.maximum(nxt, 0), done, num, rng
-
-  state = (jnp.int32(1), tokens, cache, first, done, num, rng)
-  _, tokens, _, _, _, num, _ = jax.lax.while_loop(cond, body, state)
+  state = DecodeState(jnp.int32(1), tokens, cache, first, done, jnp.ones((batch,), jnp.int32),
+                      rng)
+  state = jax.lax.while_loop(lambda s: (s.step < max_new) & ~jnp.all(s.done),
+                             lambda s: decode_step(model, s, options), state)
+  tokens, num = state.tokens, state.num
   last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
   reason = jnp.where(is_stop(last_tok, options.stop_token_ids), FINISH_STOP, FINISH_LENGTH)
   return GenerateOutput(tokens, num, reason.astype(jnp.int32))

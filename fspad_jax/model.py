@@ -4,12 +4,14 @@ The modules hold parameters only as `nnx.Param`s tagged with logical axes; the f
 pass is a plain function of (params, inputs, cache). Entry points split the model once
 (`graphdef, params = nnx.split(model)`) and jit pure functions of the `params` pytree.
 
-Attention works on a *block* of new tokens against a static-size KV cache:
-  * every new token attends to the cached prefix of its row (slots < cache.lengths[b]),
-  * plus the block's own tokens where `block_mask[b, i, j]` is true (causal by default;
-    a tree's ancestor mask for verification),
-  * and its K/V are written at explicit cache slots (`write_slots`), so that a later step
-    can commit any subset of the block by copying slots.
+Attention works on a *block* of new tokens against a static-size KV cache holding every
+layer in one buffer [layers, batch, kv_heads, slots, head_dim], write-then-attend:
+  * the block's K/V are written at explicit cache slots (`write_slots`, right after the
+    committed prefix by default), in place, so that a later step can commit any subset of
+    the block by moving slots (`move_slots`: one gather and one scatter for all layers);
+  * then every new token attends over the cache: to the committed prefix of its row
+    (slots < cache.lengths[b]) plus the slots of the block's tokens it may see
+    (`block_mask[b, i, j]`: causal by default, a tree's ancestor mask for verification).
 Layers are a Python list unrolled inside jit: on GPU a `lax.scan` over stacked layer
 weights ran at ~1/3 of the bandwidth of the unrolled form (shared/DESIGN.md section 2).
 """
@@ -25,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from fspad_jax.config import ModelConfig, rope_inverse_frequencies
+from fspad_jax.quant import SCALE_SUFFIX, dequantize
 from fspad_jax.sharding import LOGICAL_LAYOUTS
 
 Array = jax.Array
@@ -38,6 +41,14 @@ def _param(rngs: nnx.Rngs, layout: str, shape, dtype, init="normal", std=0.02) -
   else:
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(value, logical_axes=LOGICAL_LAYOUTS[layout])
+
+
+def kernel(module: nnx.Module, name: str, dtype) -> Array:
+  """A module's matmul kernel `name`; dequantized inside the product when the module holds
+  int8 values with per-channel scales (`<name>_scale`, fspad_jax.quant: int8 drafts)."""
+  w = getattr(module, name)[...]
+  scale = getattr(module, name + SCALE_SUFFIX, None)
+  return w if scale is None else dequantize(w, scale[...], dtype)
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -67,7 +78,10 @@ def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   """x: [batch, seq, heads, head_dim]; cos/sin: [batch, seq, head_dim]. HF rotate_half form."""
   half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  # rotate_half(x) = [-x2; x1], built by a reshape and stack: XLA fuses it with the products
+  # below, where slicing and concatenating the halves costs separate kernels.
+  halves = x.reshape(*x.shape[:-1], 2, half)  # [..., 2, head_dim/2]
+  rotated = jnp.stack([-halves[..., 1, :], halves[..., 0, :]], axis=-2).reshape(x.shape)
   xf = x.astype(jnp.float32)
   out = xf * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
   return out.astype(x.dtype)
@@ -75,56 +89,90 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 @flax.struct.dataclass
 class KVCache:
-  """Static-size KV cache. Slot s of row b holds the token at position s of that row."""
+  """Static-size KV cache of every layer in one buffer, so that moving slots (committing an
+  accepted path) is one gather and one scatter for all layers together.
 
-  k: tuple[Array, ...]  # per layer: [batch, max_len, kv_heads, head_dim]
-  v: tuple[Array, ...]  # per layer: [batch, max_len, kv_heads, head_dim]
+  Slot s of row b holds the token at position s of that row; slots < lengths[b] are the
+  committed prefix, slots beyond it are scratch that a forward may write (a draft tree)."""
+
+  k: Array  # [layers, batch, kv_heads, max_len, head_dim]
+  v: Array  # [layers, batch, kv_heads, max_len, head_dim]
   lengths: Array  # [batch] int32: number of committed tokens per row
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k.shape[3]
 
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
     dtype = dtype or cfg.dtype
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, dtype)
-    return cls(k=tuple(zeros() for _ in range(cfg.num_layers)),
-               v=tuple(zeros() for _ in range(cfg.num_layers)),
+    # Heads before slots: attention reads a layer as [batch, kv_heads, slots, head_dim], the
+    # operand layout its batched matmuls take without a transposed copy of the cache.
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                lengths=jnp.zeros((batch,), jnp.int32))
 
 
+def move_slots(cache: KVCache, src: Array, dst: Array, lengths: Array) -> KVCache:
+  """Copies every layer's K/V from slots src to slots dst ([batch, n] each; a dst out of
+  range is dropped) and sets `lengths`: one gather and one scatter per buffer."""
+  rows = jnp.arange(src.shape[0])[:, None]  # [batch, 1]
+  move = lambda c: c.at[:, rows, :, dst].set(c[:, rows, :, src], mode="drop")
+  return KVCache(k=move(cache.k), v=move(cache.v), lengths=lengths)
+
+
 class AttentionInputs(NamedTuple):
-  """Per-call attention geometry shared by all layers."""
+  """Per-call attention geometry shared by all layers (write-then-attend).
+
+  With a cache, each layer first writes the block's K/V at `write_slots`, then every query
+  attends over the cache's slots: `mask` says which. Vanilla steps, prefill, tree verify and
+  draft passes all run this one path, so the target's reductions have one shape and order."""
 
   cos: Array  # [batch, seq, head_dim]
   sin: Array  # [batch, seq, head_dim]
-  mask: Array  # [batch, seq, max_len + seq] bool: cached prefix slots, then the block
-  #              ([batch, seq, seq] when running without a cache)
-  write_slots: Array | None  # [batch, seq] int32; None without a cache
+  mask: Array  # [batch, seq, max_len] bool over cache slots ([batch, seq, seq] without a cache)
+  write_slots: Array | None  # [batch, seq] int32 (out of range: not written); None: no cache
 
 
 def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Array | None,
                           max_len: int, block_mask: Array | None,
                           write_slots: Array | None) -> AttentionInputs:
-  """cache_lengths None means no KV cache: the block attends only to itself (training)."""
+  """Masks in cache-slot space. cache_lengths None means no KV cache: the block attends only
+  to itself (training).
+
+  A query sees the committed prefix (slots < cache_lengths) and the slots where the block's
+  tokens it may see (block_mask, causal by default) are written."""
   batch, seq = positions.shape
-  if block_mask is None:
-    block_mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
-  if cfg.sliding_window is not None:
-    block_mask &= positions[:, :, None] - positions[:, None, :] < cfg.sliding_window
   cos, sin = rope_tables(cfg, positions)
+  window = cfg.sliding_window
   if cache_lengths is None:
+    if block_mask is None:
+      block_mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
+    if window is not None:
+      block_mask &= positions[:, :, None] - positions[:, None, :] < window
     return AttentionInputs(cos, sin, block_mask, None)
-  slots = jnp.arange(max_len)
-  prefix_mask = slots[None, None, :] < cache_lengths[:, None, None]  # [batch, 1, max_len]
-  prefix_mask = jnp.broadcast_to(prefix_mask, (batch, seq, max_len))
-  if cfg.sliding_window is not None:
-    prefix_mask &= positions[:, :, None] - slots[None, None, :] < cfg.sliding_window
-  mask = jnp.concatenate([prefix_mask, block_mask], axis=-1)
+
+  slots = jnp.arange(max_len, dtype=jnp.int32)
+  if write_slots is None and block_mask is None:
+    # Contiguous causal block right after the prefix: query i sees slots < lengths + i + 1.
+    write_slots = cache_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None]  # [b, seq]
+    mask = slots[None, None, :] <= write_slots[:, :, None]  # [batch, seq, max_len]
+    if window is not None:  # every visible slot s holds position s
+      mask &= positions[:, :, None] - slots[None, None, :] < window
+    return AttentionInputs(cos, sin, mask, write_slots)
   if write_slots is None:
     write_slots = cache_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None]
+  if block_mask is None:
+    block_mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
+  if window is not None:
+    block_mask &= positions[:, :, None] - positions[:, None, :] < window
+  at_slot = write_slots[:, :, None] == slots[None, None, :]  # [batch, seq(key), max_len]
+  in_block = jnp.any(block_mask[:, :, :, None] & at_slot[:, None], axis=2)  # [b, seq, max_len]
+  mask = (slots[None, None, :] < cache_lengths[:, None, None]) | in_block
+  if window is not None:
+    # Committed slot s holds position s; block slots were windowed through block_mask.
+    in_window = positions[:, :, None] - slots[None, None, :] < window
+    mask &= in_window | (slots[None, None, :] >= cache_lengths[:, None, None])
   return AttentionInputs(cos, sin, mask, write_slots.astype(jnp.int32))
 
 
@@ -141,12 +189,13 @@ class Attention(nnx.Module):
     if cfg.o_bias:
       self.o_bias = _param(rngs, "norm", (d,), dt, init="zeros")
 
-  def __call__(self, x: Array, cache_k: Array, cache_v: Array, att: AttentionInputs
-               ) -> tuple[Array, Array, Array]:
-    """x: [batch, seq, embed]. Returns (out, new cache_k, new cache_v)."""
+  def __call__(self, x: Array, cache: KVCache | None, layer: int, att: AttentionInputs
+               ) -> tuple[Array, KVCache | None]:
+    """x: [batch, seq, embed]. Writes this block's K/V into layer `layer` of the cache, then
+    attends over the cache (or, without a cache, over the block). Returns (out, cache)."""
     cfg = self.cfg
-    q = jnp.einsum("bsd,dhk->bshk", x, self.q_kernel[...])  # [batch, seq, heads, head_dim]
-    kv = jnp.einsum("bsd,dckh->bsckh", x, self.kv_kernel[...])  # [b, s, 2, kv_heads, hd]
+    q = jnp.einsum("bsd,dhk->bshk", x, kernel(self, "q_kernel", x.dtype))  # [b, s, h, hd]
+    kv = jnp.einsum("bsd,dckh->bsckh", x, kernel(self, "kv_kernel", x.dtype))  # [b,s,2,kvh,hd]
     if cfg.qkv_bias:
       q = q + self.q_bias[...]
       kv = kv + self.kv_bias[...]
@@ -154,32 +203,30 @@ class Attention(nnx.Module):
     q = apply_rope(q, att.cos, att.sin)
     k = apply_rope(k, att.cos, att.sin)
 
-    # Attend over [cached prefix slots ; this block], then write the block into the cache.
-    if cache_k is None:
-      keys, values = k, v  # [batch, seq, kv_heads, head_dim]
-    else:
-      keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)  # [b, max_len+s, ...]
-      values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
     batch, seq = x.shape[:2]
+    if cache is None:
+      keys, values = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [batch, kv_heads, seq, head_dim]
+    else:
+      rows = jnp.arange(batch)[:, None, None]  # [batch, 1, 1]
+      heads = jnp.arange(cfg.num_kv_heads)[None, None, :]  # [1, 1, kv_heads]
+      slots = att.write_slots[:, :, None]  # [batch, seq, 1]
+      # Write first (in place; out-of-range slots are dropped), then read the whole layer.
+      write = lambda c, new: c.at[layer, rows, heads, slots].set(new.astype(c.dtype),
+                                                                 mode="drop")
+      cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
+      keys, values = cache.k[layer], cache.v[layer]  # [batch, kv_heads, max_len, head_dim]
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("bskgh,btkh->bkgst", qg, keys.astype(q.dtype),
+    scores = jnp.einsum("bskgh,bkth->bkgst", qg, keys.astype(q.dtype),
                         preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
-    scores = jnp.where(att.mask[:, None, None], scores, -1e30)  # [b, kvh, g, s, max_len+s]
+    scores = jnp.where(att.mask[:, None, None], scores, -1e30)  # [b, kvh, g, seq, keys]
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgst,btkh->bskgh", probs, values.astype(x.dtype))
+    out = jnp.einsum("bkgst,bkth->bskgh", probs, values.astype(x.dtype))
     out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-    out = jnp.einsum("bshk,hkd->bsd", out, self.o_kernel[...])
+    out = jnp.einsum("bshk,hkd->bsd", out, kernel(self, "o_kernel", x.dtype))
     if cfg.o_bias:
       out = out + self.o_bias[...]
-
-    if cache_k is None:
-      return out, None, None
-    rows = jnp.arange(batch)[:, None]
-    # Out-of-range slots are dropped, never written out of bounds.
-    cache_k = cache_k.at[rows, att.write_slots].set(k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[rows, att.write_slots].set(v.astype(cache_v.dtype), mode="drop")
-    return out, cache_k, cache_v
+    return out, cache
 
 
 class MLP(nnx.Module):
@@ -188,9 +235,9 @@ class MLP(nnx.Module):
     self.down_kernel = _param(rngs, "down_kernel", (d_ff, d_out or d), dtype)
 
   def __call__(self, x: Array) -> Array:
-    gate_up = jnp.einsum("bsd,dcf->bscf", x, self.gate_up_kernel[...])  # [b, s, 2, d_ff]
-    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    return jnp.einsum("bsf,fd->bsd", hidden, self.down_kernel[...])
+    gate_up = jnp.einsum("bsd,dcf->bscf", x, kernel(self, "gate_up_kernel", x.dtype))
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]  # [batch, seq, d_ff]
+    return jnp.einsum("bsf,fd->bsd", hidden, kernel(self, "down_kernel", x.dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -200,11 +247,11 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, rngs)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.dtype, rngs)
 
-  def __call__(self, x, cache_k, cache_v, att: AttentionInputs):
-    h, cache_k, cache_v = self.attn(self.input_norm(x), cache_k, cache_v, att)
+  def __call__(self, x, cache: KVCache | None, layer: int, att: AttentionInputs):
+    h, cache = self.attn(self.input_norm(x), cache, layer, att)
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x))
-    return x, cache_k, cache_v
+    return x, cache
 
 
 class Transformer(nnx.Module):
@@ -242,21 +289,13 @@ class Transformer(nnx.Module):
     """
     if cache is None:
       att = make_attention_inputs(self.cfg, positions, None, 0, block_mask, None)
-      caches = [(None, None)] * self.cfg.num_layers
     else:
       att = make_attention_inputs(self.cfg, positions, cache.lengths, cache.max_len,
                                   block_mask, write_slots)
-      caches = list(zip(cache.k, cache.v))
     x = self.embed(tokens)
-    new_k, new_v = [], []
-    for layer, (ck, cv) in zip(self.layers, caches):
-      x, ck, cv = layer(x, ck, cv, att)
-      new_k.append(ck)
-      new_v.append(cv)
-    x = self.final_norm(x)
-    if cache is None:
-      return x, None
-    return x, cache.replace(k=tuple(new_k), v=tuple(new_v))
+    for index, layer in enumerate(self.layers):
+      x, cache = layer(x, cache, index, att)
+    return self.final_norm(x), cache
 
   def __call__(self, tokens, positions, cache, block_mask=None, write_slots=None):
     """Returns (logits [batch, seq, vocab] float32, features [batch, seq, embed], cache)."""

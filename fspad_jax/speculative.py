@@ -4,11 +4,12 @@ State between steps, per row (n = committed tokens in the target cache):
   * target cache holds t(0..n-1); draft cache holds the draft's inputs for positions
     0..n-1, i.e. (f(j), e(t(j+1))) with true target features;
   * last_token = t(n), the newest token (sampled, not yet run through the target);
-  * root_logp = the draft's log-probs for t(n+1) and root_feature = its fed-back feature
-    (FSPAD: `regress`; EAGLE: its single output), from the draft input at position n-1.
+  * root_tokens / root_logp = the draft's top-K candidates for t(n+1) and their log-probs,
+    and root_feature = its fed-back feature (FSPAD: `regress`; EAGLE: its single output),
+    from the draft input at position n-1.
 
 One step (`speculative_step`, all on device, static shapes):
-  1. Draft tree. Level 0 = top-K of root_logp. Each further level runs the K frontier nodes
+  1. Draft tree. Level 0 = the root candidates. Each further level runs the K frontier nodes
      through the draft in one call at position n + level - 1, each fed its parent's
      feature; they attend to the committed draft prefix plus their own ancestors, whose K/V
      sit in a scratch area at the end of the draft cache ((D-1)*K slots). rerank keeps the
@@ -44,7 +45,8 @@ from fspad_jax import tree as tree_lib
 from fspad_jax.draft import Draft, draft_logits
 from fspad_jax.generate import (FINISH_LENGTH, FINISH_STOP, is_stop, place_prompts, prefill,
                                 prompt_shardings)
-from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
+from fspad_jax.hot_vocab import DraftVocab, hot_logits, make_draft_vocab
+from fspad_jax.model import AttentionInputs, KVCache, Transformer, move_slots, rope_tables
 from fspad_jax.sampling import SamplingParams, sample_tokens
 from fspad_jax.sharding import ShardingRules, replicated, to_host
 
@@ -88,7 +90,8 @@ class SpecState(NamedTuple):
   target_cache: KVCache
   draft_cache: KVCache  # cache_len committed slots + scratch slots at the end
   last_token: Array  # [batch] int32, t(n)
-  root_logp: Array  # [batch, vocab] float32: draft log-probs for t(n+1)
+  root_tokens: Array  # [batch, K] int32: the draft's top-K candidates for t(n+1), best first
+  root_logp: Array  # [batch, K] float32: their draft log-probs
   root_feature: Array  # [batch, embed]: feature fed back for the level-0 nodes
   output: Array  # [batch, max_new_tokens + D + 1] int32, -1 padded
   num_tokens: Array  # [batch] int32 emitted so far
@@ -108,17 +111,23 @@ class SpecOutput(NamedTuple):
   steps: Array  # [batch] verification steps (target forwards after the prefill)
 
 
-def _draft_logp(target: Transformer, predict: Array) -> Array:
-  """Draft log-probs over the vocabulary from the draft's `predict` feature."""
-  return jax.nn.log_softmax(draft_logits(target, predict), axis=-1)
+def draft_candidates(target: Transformer, predict: Array, top_k: int,
+                     vocab: DraftVocab | None = None) -> tuple[Array, Array]:
+  """The draft's top-K next tokens (target ids) and their log-probs ([..., K] each) from its
+  `predict` feature [..., embed] (tree.top_candidates: no vocabulary-wide log-softmax). With a
+  hot vocabulary, over its N logits only, mapped back to target ids."""
+  if vocab is None:
+    return tree_lib.top_candidates(draft_logits(target, predict), top_k)
+  tokens, logp = tree_lib.top_candidates(hot_logits(vocab, predict, target.cfg.dtype), top_k)
+  return jnp.take(vocab.ids, tokens), logp
 
 
 def draft_prefill(draft: Draft, target: Transformer, features: Array, prompt: Array,
-                  prompt_lengths: Array, first_token: Array, cache: KVCache
-                  ) -> tuple[Array, Array, KVCache]:
+                  prompt_lengths: Array, first_token: Array, cache: KVCache, top_k: int,
+                  vocab: DraftVocab | None = None) -> tuple[Array, Array, Array, KVCache]:
   """Runs the draft over the prompt: position j gets (f(j), e(t(j+1))), where t(len) is the
-  first sampled token. Returns (root_logp [batch, vocab], root_feature [batch, embed], cache
-  with lengths = prompt_lengths)."""
+  first sampled token. Returns (root_tokens, root_logp [batch, K], root_feature [batch, embed],
+  cache with lengths = prompt_lengths)."""
   batch, seq = prompt.shape
   next_tokens = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)  # [batch, seq]
   last = (prompt_lengths - 1)[:, None]
@@ -127,12 +136,12 @@ def draft_prefill(draft: Draft, target: Transformer, features: Array, prompt: Ar
   out = draft(features, target.embed(next_tokens), positions,
               cache.replace(lengths=jnp.zeros_like(prompt_lengths)))
   take = lambda x: jnp.take_along_axis(x, last[:, :, None], axis=1)[:, 0]
-  root_logp = _draft_logp(target, take(out.predict))
-  return root_logp, take(out.regress), out.cache.replace(lengths=prompt_lengths)
+  root_tokens, root_logp = draft_candidates(target, take(out.predict), top_k, vocab)
+  return root_tokens, root_logp, take(out.regress), out.cache.replace(lengths=prompt_lengths)
 
 
-def build_tree(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions
-               ) -> tuple[tree_lib.Tree, KVCache]:
+def build_tree(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions,
+               vocab: DraftVocab | None = None) -> tuple[tree_lib.Tree, KVCache]:
   """EAGLE-2 dynamic draft tree from the state's root. Returns (tree, draft cache with the
   scratch area overwritten)."""
   K, D = options.top_k, options.depth
@@ -143,7 +152,7 @@ def build_tree(draft: Draft, target: Transformer, state: SpecState, options: Spe
   scratch_base = max_len - options.scratch
   layer_cfg = draft.cfg.layer_config
 
-  tokens, scores = tree_lib.root_level(state.root_logp, K)  # [batch, K]
+  tokens, scores = state.root_tokens, state.root_logp  # [batch, K]
   buffers = tree_lib.init_buffers(state.last_token, tokens, scores, D)
   frontier_tokens = tokens
   # [batch, K, embed]: the feature each frontier node is fed (its parent's output).
@@ -156,17 +165,15 @@ def build_tree(draft: Draft, target: Transformer, state: SpecState, options: Spe
     positions = jnp.broadcast_to((committed + level - 1)[:, None], (batch, K))
     own = (level - 1) * K + jnp.arange(K)  # scratch index of each frontier slot
     prefix = slots[None, None, :] < committed[:, None, None]  # [batch, 1, max_len]
-    in_scratch = jnp.pad(ancestors, ((0, 0), (0, 0), (scratch_base, 0)))  # [b, K, max_len]
-    mask = jnp.concatenate([prefix | in_scratch, jnp.eye(K, dtype=bool)[None].repeat(batch, 0)],
-                           axis=-1)  # [batch, K, max_len + K]
+    # Each node sees its ancestors' scratch slots and its own (written before attending).
+    seen = ancestors | (jnp.arange(options.scratch) == own[:, None])[None]  # [b, K, scratch]
+    mask = prefix | jnp.pad(seen, ((0, 0), (0, 0), (scratch_base, 0)))  # [batch, K, max_len]
     cos, sin = rope_tables(layer_cfg, positions)
     write_slots = jnp.broadcast_to(scratch_base + own, (batch, K)).astype(jnp.int32)
     x = draft.fuse_inputs(frontier_feats, target.embed(frontier_tokens))
-    predict, regress, ck, cv = draft.layer(x, cache.k[0], cache.v[0],
-                                           AttentionInputs(cos, sin, mask, write_slots))
-    cache = cache.replace(k=(ck,), v=(cv,))
-    child_logp = _draft_logp(target, predict)  # [batch, K, vocab]
-    expansion = tree_lib.expand_level(buffers.frontier_scores, child_logp, K)
+    predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, write_slots))
+    child_tokens, child_logp = draft_candidates(target, predict, K, vocab)  # [b, K, K] each
+    expansion = tree_lib.expand_candidates(buffers.frontier_scores, child_tokens, child_logp)
     buffers = tree_lib.add_level(buffers, level, expansion)
     parent = expansion.frontier_parent_slots  # [batch, K]
     frontier_tokens = expansion.frontier_tokens
@@ -182,20 +189,17 @@ def commit_target_cache(cache: KVCache, accepted_nodes: Array, accept_len: Array
   """Moves the accepted path's K/V from tree slots n + node to slots n + i (i = 0..m) and
   advances lengths by m + 1 for active rows. accepted_nodes: [batch, D+1], root first."""
   n = cache.lengths
-  batch, width = accepted_nodes.shape
-  i = jnp.arange(width)[None]
+  i = jnp.arange(accepted_nodes.shape[1])[None]
   src = n[:, None] + jnp.maximum(accepted_nodes, 0)  # [batch, D+1]
   keep = (i <= accept_len[:, None]) & active[:, None]
   dst = jnp.where(keep, n[:, None] + i, cache.max_len)  # out of range -> dropped
-  rows = jnp.arange(batch)[:, None]
-  move = lambda c: c.at[rows, dst].set(c[rows, src], mode="drop")
-  return KVCache(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)),
-                 lengths=n + jnp.where(active, accept_len + 1, 0))
+  return move_slots(cache, src, dst, n + jnp.where(active, accept_len + 1, 0))
 
 
-def speculative_step(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions
-                     ) -> SpecState:
-  """Draft a tree, verify it with one target forward, commit the accepted tokens."""
+def speculative_step(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions,
+                     vocab: DraftVocab | None = None) -> SpecState:
+  """Draft a tree, verify it with one target forward, commit the accepted tokens. vocab: the
+  draft's hot vocabulary (None: the full one); verification always uses the full one."""
   batch = state.last_token.shape[0]
   n = state.target_cache.lengths
   active = ~state.done
@@ -205,11 +209,14 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   active = active & ~full
   done = state.done | full
 
-  tree, draft_cache = build_tree(draft, target, state, options)
+  tree, draft_cache = build_tree(draft, target, state, options, vocab)
   positions = n[:, None] + tree.depths  # [batch, T]
   logits, feats, target_cache = target(tree.tokens, positions, state.target_cache,
                                        block_mask=tree.ancestor_mask)
-  rng, verify_rng = jax.random.split(state.rng)
+  if options.sampling.greedy:  # no PRNG work in greedy steps
+    rng, verify_rng = state.rng, None
+  else:
+    rng, verify_rng = jax.random.split(state.rng)
   result = tree_lib.verify(tree, logits, options.sampling, verify_rng)
   target_cache = commit_target_cache(target_cache, result.accepted_nodes, result.accept_len,
                                      active)
@@ -225,8 +232,10 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   out = draft(path_feats, target.embed(path_next), draft_positions,
               draft_cache.replace(lengths=n), write_slots=write_slots)
   take_last = lambda x: jnp.take_along_axis(x, result.accept_len[:, None, None], axis=1)[:, 0]
-  root_logp = jnp.where(active[:, None], _draft_logp(target, take_last(out.predict)),
-                        state.root_logp)
+  next_tokens, next_logp = draft_candidates(target, take_last(out.predict), options.top_k,
+                                           vocab)
+  root_tokens = jnp.where(active[:, None], next_tokens, state.root_tokens)
+  root_logp = jnp.where(active[:, None], next_logp, state.root_logp)
   root_feature = jnp.where(active[:, None], take_last(out.regress), state.root_feature)
   draft_cache = out.cache.replace(lengths=n + jnp.where(active, result.accept_len + 1, 0))
 
@@ -251,13 +260,14 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
       jnp.where(active, result.accept_len, -1), mode="drop")
   return SpecState(
       target_cache=target_cache, draft_cache=draft_cache, last_token=last_token,
-      root_logp=root_logp, root_feature=root_feature, output=output, num_tokens=num_tokens,
+      root_tokens=root_tokens, root_logp=root_logp, root_feature=root_feature, output=output,
+      num_tokens=num_tokens,
       done=done | hit_stop | hit_len, finish_reason=finish_reason, accept_history=history,
       steps=state.steps + active.astype(jnp.int32), step=state.step + 1, rng=rng)
 
 
 def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths: Array,
-               rng: Array, options: SpecOptions) -> SpecState:
+               rng: Array, options: SpecOptions, vocab: DraftVocab | None = None) -> SpecState:
   """Target and draft prefill, and the first token (sampled from the target)."""
   batch = prompt.shape[0]
   target_cache = KVCache.create(target.cfg, batch, options.cache_len)
@@ -266,15 +276,15 @@ def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths:
   first = sample_tokens(sub, logits, options.sampling)  # [batch]
   draft_cache = KVCache.create(draft.cfg.layer_config, batch,
                                options.cache_len + options.scratch)
-  root_logp, root_feature, draft_cache = draft_prefill(draft, target, feats, prompt,
-                                                       prompt_lengths, first, draft_cache)
+  root_tokens, root_logp, root_feature, draft_cache = draft_prefill(
+      draft, target, feats, prompt, prompt_lengths, first, draft_cache, options.top_k, vocab)
   output = jnp.full((batch, options.max_new_tokens + options.depth + 1), -1, jnp.int32)
   output = output.at[:, 0].set(first)
   stop = is_stop(first, options.stop_token_ids)
   done = stop | (options.max_new_tokens <= 1)
   return SpecState(
       target_cache=target_cache, draft_cache=draft_cache, last_token=first,
-      root_logp=root_logp, root_feature=root_feature, output=output,
+      root_tokens=root_tokens, root_logp=root_logp, root_feature=root_feature, output=output,
       num_tokens=jnp.ones((batch,), jnp.int32), done=done,
       finish_reason=jnp.where(stop, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32),
       accept_history=jnp.full((batch, options.max_new_tokens), -1, jnp.int32),
@@ -282,12 +292,13 @@ def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths:
 
 
 def speculative_generate(draft: Draft, target: Transformer, prompt: Array,
-                         prompt_lengths: Array, rng: Array, options: SpecOptions) -> SpecOutput:
+                         prompt_lengths: Array, rng: Array, options: SpecOptions,
+                         vocab: DraftVocab | None = None) -> SpecOutput:
   """Prefill, then speculative steps until every row is done (traceable; loop on device)."""
-  state = init_state(draft, target, prompt, prompt_lengths, rng, options)
+  state = init_state(draft, target, prompt, prompt_lengths, rng, options, vocab)
   state = jax.lax.while_loop(
       lambda s: ~jnp.all(s.done) & (s.step < options.max_new_tokens),
-      lambda s: speculative_step(draft, target, s, options), state)
+      lambda s: speculative_step(draft, target, s, options, vocab), state)
   return SpecOutput(state.output[:, :options.max_new_tokens], state.num_tokens,
                     state.finish_reason, state.accept_history, state.steps)
 
@@ -298,13 +309,23 @@ class SpeculativeGenerator:
   >>> gen = SpeculativeGenerator(target_graphdef, target_params, draft_graphdef,
   ...                            draft_params, mesh)
   >>> out = gen(prompt_np, lengths_np, SpecOptions(max_new_tokens=64), seed=0)
+
+  hot_ids: the draft's hot vocabulary (fspad_jax.hot_vocab), or None for the full one; the
+  LM head is sliced to those rows once, here (and quantized when weight_dtype is "int8":
+  pass a draft quantized by fspad_jax.quant.quantize_draft with it).
   """
 
   def __init__(self, target_graphdef, target_params, draft_graphdef, draft_params, mesh,
-               rules: ShardingRules | None = None):
+               rules: ShardingRules | None = None, hot_ids: np.ndarray | None = None,
+               weight_dtype: str = ""):
     self.target_graphdef, self.target_params = target_graphdef, target_params
     self.draft_graphdef, self.draft_params = draft_graphdef, draft_params
     self.mesh, self.rules = mesh, rules or ShardingRules()
+    self.vocab = None
+    if hot_ids is not None:
+      self.vocab = jax.jit(lambda p, ids: make_draft_vocab(
+          nnx.merge(target_graphdef, p), ids, weight_dtype))(
+              target_params, np.asarray(hot_ids, np.int32))
     self._compiled = {}
 
   def _fn(self, options: SpecOptions, batch: int):
@@ -314,16 +335,16 @@ class SpeculativeGenerator:
       tok_sh, vec_sh = prompt_shardings(self.mesh, self.rules, batch)
       rep = replicated(self.mesh)
 
-      def run(target_params, draft_params, prompt, lengths, rng_data):
+      def run(target_params, draft_params, vocab, prompt, lengths, rng_data):
         target = nnx.merge(tg, target_params)
         draft = nnx.merge(dg, draft_params)
         return speculative_generate(draft, target, prompt, lengths,
-                                    jax.random.wrap_key_data(rng_data), options)
+                                    jax.random.wrap_key_data(rng_data), options, vocab)
 
       shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
       self._compiled[key] = jax.jit(
           run, in_shardings=(shardings(self.target_params), shardings(self.draft_params),
-                             tok_sh, vec_sh, rep),
+                             shardings(self.vocab), tok_sh, vec_sh, rep),
           out_shardings=SpecOutput(rep, rep, rep, rep, rep))
     return self._compiled[key]
 
@@ -334,17 +355,18 @@ class SpeculativeGenerator:
       raise ValueError(f"prompts of {np.shape(prompt)[1]} tokens do not fit cache_len="
                        f"{options.cache_len}")
     placed = place_prompts(prompt, lengths, seed, self.mesh, self.rules)
-    out = self._fn(options, np.shape(prompt)[0])(self.target_params, self.draft_params, *placed)
+    out = self._fn(options, np.shape(prompt)[0])(self.target_params, self.draft_params,
+                                                 self.vocab, *placed)
     return SpecOutput(*(to_host(x) for x in out))
 
 
 def make_step_fn(target_graphdef, draft_graphdef, options: SpecOptions):
   """One speculative step as its own jit, state donated: (target_params, draft_params,
-  state) -> state. For step-wise control (serving loops, benchmarks); `SpeculativeGenerator`
-  runs the same step inside one on-device loop instead."""
-  def step(target_params, draft_params, state):
+  state, vocab=None) -> state. For step-wise control (serving loops, benchmarks);
+  `SpeculativeGenerator` runs the same step inside one on-device loop instead."""
+  def step(target_params, draft_params, state, vocab=None):
     return speculative_step(nnx.merge(draft_graphdef, draft_params),
-                            nnx.merge(target_graphdef, target_params), state, options)
+                            nnx.merge(target_graphdef, target_params), state, options, vocab)
   return jax.jit(step, donate_argnames=("state",))
 
 

@@ -42,9 +42,9 @@ class Target:
     return self.rules.sharding(self.mesh, LOGICAL_LAYOUTS[layout], shape)
 
   def cache_shardings(self, batch: int, max_len: int) -> KVCache:
-    kv = self.sharding("kv_cache", (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim))
-    n = self.cfg.num_layers
-    return KVCache(k=(kv,) * n, v=(kv,) * n, lengths=self.sharding("batch_vector", (batch,)))
+    kv = self.sharding("kv_cache", (self.cfg.num_layers, batch, self.cfg.num_kv_heads, max_len,
+                                    self.cfg.head_dim))
+    return KVCache(k=kv, v=kv, lengths=self.sharding("batch_vector", (batch,)))
 
   def new_cache(self, batch: int, max_len: int) -> KVCache:
     """An empty cache, allocated directly in its sharded layout."""

@@ -126,7 +126,7 @@ def _draft_plain_forward(draft: Draft, features: Array, embeddings: Array):
   cos, sin = rope_tables(layer_cfg, positions)
   causal = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
   x = draft.fuse_inputs(features, embeddings)
-  predict, regress, _, _ = draft.layer(x, None, None, AttentionInputs(cos, sin, causal, None))
+  predict, regress, _ = draft.layer(x, None, AttentionInputs(cos, sin, causal, None))
   return predict, regress
 
 
@@ -292,20 +292,19 @@ def make_agreement_fn(setup: TrainSetup, depths: int = 5, eval_loss: bool = True
     for k in range(1, depths + 1):
       prefix = []
       for i in range(1, depths + 1):
-        if i == 1 and k > 1:
+        if i == k:  # this pass's own slots (write-then-attend): causal, or itself
+          allowed = jnp.tril(jnp.ones((seq, seq), bool)) if k == 1 else jnp.eye(seq, dtype=bool)
+        elif i == 1:
           allowed = s[None, :] <= (j - k + 1)[:, None]  # committed prefix
         elif 1 < i < k:
           allowed = s[None, :] == (j - k + i)[:, None]  # the chain's earlier steps
         else:
-          allowed = jnp.zeros((seq, seq), bool)  # pass 1 itself, later passes
+          allowed = jnp.zeros((seq, seq), bool)  # later passes
         prefix.append(allowed)
-      block = jnp.tril(jnp.ones((seq, seq), bool)) if k == 1 else jnp.eye(seq, dtype=bool)
-      mask = jnp.concatenate(prefix + [block], axis=1)[None].repeat(bsz, 0)
+      mask = jnp.concatenate(prefix, axis=1)[None].repeat(bsz, 0)  # [batch, seq, depths*seq]
       slots = ((k - 1) * seq + positions).astype(jnp.int32)
       x = draft.fuse_inputs(feats, embeddings)
-      predict, regress, ck, cv = draft.layer(x, cache.k[0], cache.v[0],
-                                             AttentionInputs(cos, sin, mask, slots))
-      cache = cache.replace(k=(ck,), v=(cv,))
+      predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, slots))
       logits = draft_logits(target, predict)  # [batch, seq, vocab]
       valid = tgt.weights * ((j - k + 1) >= 0)[None].astype(jnp.float32)
       top3 = jax.lax.top_k(logits, 3)[1]  # [batch, seq, 3]

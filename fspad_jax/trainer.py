@@ -25,8 +25,8 @@ from flax import nnx
 
 from fspad_jax import console
 from fspad_jax import data as data_lib
-from fspad_jax import train_lib
-from fspad_jax.config import ConfigError
+from fspad_jax import hot_vocab, train_lib
+from fspad_jax.config import ConfigError, load_hf_config
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft, draft_config_from_target
 from fspad_jax.hf_checkpoint import resolve_model_dir
 from fspad_jax.sharding import ShardingError, host_to_global, make_mesh
@@ -79,13 +79,41 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"mesh's data x fsdp = {data_ways} devices")
   if t.steps < 1:
     raise ConfigError(f"train.steps={t.steps} must be >= 1")
+  hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0),
+                                 load_hf_config(config.target.path).vocab_size)
 
 
 def draft_config(config, target_cfg) -> DraftConfig:
   """The DraftConfig from config.draft: target shapes unless overridden (0 = target's)."""
   overrides = {k: v for k, v in dict(config.draft.get("shape", {})).items() if v}
+  hot = hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
   return draft_config_from_target(target_cfg, config.draft.kind, dtype=config.draft.dtype,
-                                  **overrides)
+                                  hot_vocab_size=hot, **overrides)
+
+
+def hot_vocabulary(setup, prepared_dir: str, workdir: str) -> np.ndarray | None:
+  """The run's hot token ids (draft.vocab_size > 0): the most frequent assistant tokens of the
+  prepared training split, stored in the workdir; a resumed run must find the same ones."""
+  n = setup.draft_cfg.hot_vocab_size
+  if not n:
+    return None
+  counts_path = os.path.join(prepared_dir, hot_vocab.TOKEN_COUNTS_FILE)
+  if not os.path.isfile(counts_path):
+    raise ConfigError(f"{prepared_dir}: no {hot_vocab.TOKEN_COUNTS_FILE} (prepared by an older "
+                      "version): delete the prepared data directory to prepare it again")
+  counts = np.load(counts_path)
+  counts = np.pad(counts, (0, max(0, setup.target_cfg.vocab_size - len(counts))))
+  ids = hot_vocab.select_hot_ids(counts[:setup.target_cfg.vocab_size], n)
+  stored = hot_vocab.load_hot_ids(workdir, setup.target_cfg.vocab_size)
+  if stored is not None and not np.array_equal(stored, ids):
+    raise ConfigError(f"{workdir}/{hot_vocab.HOT_IDS_FILE} holds another hot vocabulary than "
+                      "this run's data gives: use another workdir")
+  if jax.process_index() == 0:
+    hot_vocab.save_hot_ids(workdir, ids)
+  covered = counts[ids].sum() / max(counts.sum(), 1)
+  logger.info("hot vocabulary: %d of %d ids, %.1f%% of assistant tokens", n,
+              setup.target_cfg.vocab_size, 100 * covered)
+  return ids
 
 
 def _optim_config(t) -> train_lib.OptimConfig:
@@ -169,6 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                                   dtype=config.target.dtype)
   setup = build_setup(config, target)
   prepared = prepare_data(config, workdir)
+  hot_vocabulary(setup, prepared, workdir)
   seq = config.data.max_len
   micro = t.global_batch // t.grad_accum
 
@@ -185,6 +214,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   latest = ckpt.latest_step()
   writer = train_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
   if latest is not None:
+    from fspad_jax.draft_source import is_legacy_fs_layout
+    if is_legacy_fs_layout(os.path.join(ckpt.directory, str(latest), "state"), setup.draft_cfg):
+      raise ConfigError(f"{ckpt.directory}: step {latest} stores the feature-sampling kernel "
+                        "in the older [d, 2, d_ff] layout: decode.py still loads it, but "
+                        "training cannot resume it; use another workdir")
     state, data_state, saved_meta = ckpt.restore(latest, abstract_state, shardings)
     if saved_meta.get("draft_config", {}).get("kind") != setup.draft_cfg.kind:
       raise ConfigError(f"{ckpt.directory} holds a {saved_meta['draft_config']['kind']!r} "

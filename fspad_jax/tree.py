@@ -63,10 +63,24 @@ def level_offset(level, top_k: int):
 # ----------------------------------------------------------------------------- construction
 
 
+def top_candidates(logits: Array, top_k: int) -> tuple[Array, Array]:
+  """Draft logits [..., vocab] -> their top-K (tokens [..., K] int32, log-probs [..., K]).
+
+  Top-K on the raw logits (log-softmax is monotone), best first, ties to the lower id; the
+  log-probs are computed for the kept entries only (logit - logsumexp), so no [..., vocab]
+  log-softmax is materialized. NaN logits count as -inf."""
+  logits = logits.astype(jnp.float32)
+  logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
+  values, tokens = jax.lax.top_k(logits, top_k)  # [..., K]
+  logp = values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  return tokens.astype(jnp.int32), _clean_log_probs(logp)
+
+
 def root_level(logp: Array, top_k: int) -> tuple[Array, Array]:
   """Draft log-probs at the root [batch, vocab] -> (tokens [batch, K] int32, scores [batch, K]).
 
-  Top-K, best first, ties to the lower token id; score = log-prob."""
+  Top-K, best first, ties to the lower token id; score = log-prob. (The decoder takes the
+  same from `top_candidates` on the logits.)"""
   scores, tokens = jax.lax.top_k(_clean_log_probs(logp), top_k)  # [batch, K]
   return tokens.astype(jnp.int32), scores
 
@@ -90,9 +104,17 @@ def expand_level(frontier_scores: Array, child_logp: Array, top_k: int) -> Expan
 
   Each frontier node proposes its top-K tokens; child score = parent score + log-prob; the
   global top-K of the K*K (ties to the lower candidate index) is the next frontier."""
-  batch, width, _ = child_logp.shape
-  assert width == top_k, (child_logp.shape, top_k)
+  assert child_logp.shape[1] == top_k, (child_logp.shape, top_k)
   child_lp, child_tokens = jax.lax.top_k(_clean_log_probs(child_logp), top_k)  # [batch, K, K]
+  return expand_candidates(frontier_scores, child_tokens, child_lp)
+
+
+def expand_candidates(frontier_scores: Array, child_tokens: Array, child_lp: Array
+                      ) -> Expansion:
+  """`expand_level` from each frontier node's top-K children, already selected:
+  child_tokens [batch, K, K] int32 and their log-probs child_lp [batch, K, K], best first
+  (`top_candidates` of the draft logits)."""
+  batch, top_k = frontier_scores.shape
   scores = frontier_scores[:, :, None] + child_lp  # [batch, K, K]
   scores = scores.reshape(batch, top_k * top_k)  # [batch, K*K]
   tokens = child_tokens.reshape(batch, top_k * top_k).astype(jnp.int32)  # [batch, K*K]

@@ -70,3 +70,25 @@ def test_benchmark_script_runs(script):
       for field in ("vanilla_loop_ms_per_token", "breakeven_tau",
                     "device_commit_and_bookkeeping_ms", "commit_and_bookkeeping_ms"):
         assert math.isfinite(record[field]), (field, record[field])
+
+
+def test_step_ops_audit(tmp_path):
+  """The compile-only audit at Llama-3-8B widths (1 and 2 layers, abstract weights): the
+  write-then-attend cache leaves no cache-sized copy in either step, and a greedy step runs
+  no PRNG loop. These are properties of the compiled programs, not timings."""
+  out = tmp_path / "ops.json"
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "step_ops.py"), "--layers", "1", "2",
+       "--cache_len", "1024", "--json", str(out)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  for step in ("vanilla", "speculative"):
+    fit = report[step]["fit"]
+    assert fit["per_layer"] > 0 and fit["fixed"] > 0, fit
+    for layers, audit in report[step]["by_layers"].items():
+      assert audit["big_copies"] == 0, (step, layers, audit)
+      assert audit["while_loops"] == [], (step, layers, audit["while_loops"])
+  assert report["speculative"]["by_layers"]["2"]["custom_calls"].get("TopK", 0) >= 1
+  assert report["draft_pass"]["lm_head_rows"] == 128256

@@ -195,8 +195,8 @@ def _reference(cfg: DraftConfig, p, f, e):
   h_fc = np.concatenate([e, f], -1) @ w_fc + p["fc", "bias"]  # h = W_fc [e; f] + b
   x = h_fc
   if cfg.feature_sampling:
-    w_gate = p["feature_sampling", "gate_up_kernel"][:, 0]  # [d, d_ff]
-    w_up = p["feature_sampling", "gate_up_kernel"][:, 1]
+    w_gate = p["feature_sampling", "gate_up_kernel"][0]  # [d, d_ff]
+    w_up = p["feature_sampling", "gate_up_kernel"][1]
     w_down = p["feature_sampling", "down_kernel"]  # [d_ff, d]
     normed = _rms(h_fc, p["feature_sampling", "norm", "weight"], eps)
     x = h_fc + (_silu(e @ w_gate) * (normed @ w_up)) @ w_down

@@ -326,3 +326,28 @@ def test_matches_torch_reference(kind, fmt, tmp_path):
   want_predict, want_regress = reference(feats, embs)
   np.testing.assert_allclose(predict, want_predict, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(regress, want_regress, atol=1e-4, rtol=1e-4)
+
+
+def test_train_checkpoint_with_the_older_fs_kernel_layout_decodes(tmp_path):
+  """train.py checkpoints written before the feature-sampling kernel became [2, d, d_ff]
+  (it was [d, 2, d_ff]) still load for decoding, transposed, to the same draft."""
+  import dataclasses as dc
+  import orbax.checkpoint as ocp
+  from fspad_jax.draft_source import load_draft_for_decode
+  cfg, graphdef, params = random_draft("fspad", seed=3)
+  pure = nnx.to_pure_dict(params)
+  old = jax.tree.map(np.asarray, pure)
+  old["feature_sampling"]["gate_up_kernel"] = np.transpose(
+      old["feature_sampling"]["gate_up_kernel"], (1, 0, 2))  # the older [d, 2, d_ff]
+  step = tmp_path / "checkpoints" / "7"
+  ocp.PyTreeCheckpointer().save(str(step / "state"), {"params": old})
+  (step / "meta").mkdir()
+  (step / "commit_success.txt").write_text("ok")
+  raw = dc.asdict(cfg)
+  with open(tmp_path / "draft_config.json", "w") as f:
+    json.dump(raw, f)
+  mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, _, loaded = load_draft_for_decode(str(tmp_path), TARGET, "fspad", mesh)
+  for (path, a), (_, b) in zip(sorted(nnx.to_flat_state(params)),
+                               sorted(nnx.to_flat_state(loaded))):
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))

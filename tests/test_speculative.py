@@ -287,3 +287,72 @@ def test_sampling_matches_target_distribution(sampling_setup, temperature, top_p
   wrong = exact_first_tokens_distribution(cfg, tg, tp, prompt, other)
   observed_outside = sum(v for k, v in counts.items() if k not in wrong)
   assert observed_outside > 0 or chi_square_pvalue(counts, wrong, total) < 1e-6
+
+
+# ----------------------------------------------------------------------------- hot vocabulary
+
+HOT_IDS = np.asarray([0, 2, 3, 5, 8, 9, 11, 14], np.int32)  # half of a 16-token vocabulary
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_equals_vanilla_hot_vocabulary(small_vocab, batch, mesh):
+  """A draft restricted to half the vocabulary: it can only propose hot tokens, so every cold
+  token of the output (the target's argmax outside the hot set) must come from the verifier's
+  bonus; the output is still vanilla's, token for token."""
+  cfg, tg, tp, drafts = small_vocab
+  dg, dp = drafts["trained"]
+  base = SpecOptions(max_new_tokens=20, depth=4, top_k=3, total_tokens=30, stop_token_ids=(3,))
+  options = dataclasses.replace(base, cache_len=cache_len_for(12, base))
+  spec = SpeculativeGenerator(tg, tp, dg, dp, mesh, hot_ids=HOT_IDS)
+  vanilla = VanillaGenerator(tg, tp, mesh)
+  prompt, lengths = random_prompts(52, 12, 16, seed=8)
+  accepted = assert_greedy_equal(spec, vanilla, prompt, lengths, batch, options)
+  out = vanilla(prompt, lengths, GenerateOptions(max_new_tokens=20, stop_token_ids=(3,),
+                                                 cache_len=options.cache_len))
+  emitted = out.tokens[out.tokens >= 0]
+  cold = ~np.isin(emitted, HOT_IDS)
+  assert cold.mean() > 0.1, "the test needs target argmaxes outside the hot set"
+  assert accepted.max() >= 2, np.bincount(accepted)
+
+
+def test_hot_vocabulary_drafts_only_hot_tokens(small_vocab, mesh):
+  """The tree's draft tokens all lie in the hot set (the LM head was sliced to it)."""
+  from fspad_jax import speculative as spec_lib
+  from fspad_jax.hot_vocab import make_draft_vocab
+  cfg, tg, tp, drafts = small_vocab
+  dg, dp = drafts["random"]
+  options = SpecOptions(max_new_tokens=8, depth=3, top_k=4, total_tokens=10, cache_len=64)
+  prompt, lengths = random_prompts(4, 12, 16, seed=9)
+
+  def tree_tokens(tp, dp, prompt, lengths):
+    target, draft = nnx.merge(tg, tp), nnx.merge(dg, dp)
+    vocab = make_draft_vocab(target, HOT_IDS)
+    state = spec_lib.init_state(draft, target, prompt, lengths, jax.random.key(0), options,
+                                vocab)
+    return spec_lib.build_tree(draft, target, state, options, vocab)[0].tokens[:, 1:]
+  tokens = np.asarray(jax.jit(tree_tokens)(tp, dp, prompt, lengths))
+  assert np.isin(tokens, HOT_IDS).all(), tokens
+
+
+def test_sampling_matches_target_distribution_hot_vocabulary(sampling_setup, mesh):
+  """Chi-square with a draft that only knows 3 of the 6 tokens (T=1)."""
+  cfg, tg, tp, _ = sampling_setup
+  dg, dp = random_draft(cfg, "fspad", seed=12)
+  spec = SpeculativeGenerator(tg, tp, dg, dp, mesh, hot_ids=np.asarray([1, 2, 4], np.int32))
+  sampling = SamplingParams(temperature=1.0)
+  prompt = [2, 5, 1]
+  rows, rounds = 2000, 10
+  options = SpecOptions(max_new_tokens=3, sampling=sampling, depth=3, top_k=3,
+                        total_tokens=8, cache_len=32)
+  counts, accepted = {}, []
+  for seed in range(rounds):
+    out = spec(np.tile(np.asarray(prompt, np.int32), (rows, 1)), np.full(rows, len(prompt)),
+               options, seed=seed)
+    for row in map(tuple, out.tokens[:, :3].tolist()):
+      counts[row] = counts.get(row, 0) + 1
+    accepted.append(out.accept_history[:, 0])
+  accepted = np.concatenate(accepted)
+  assert (accepted >= 1).mean() > 0.1  # hot drafts were accepted
+  exact = exact_first_tokens_distribution(cfg, tg, tp, prompt, sampling)
+  assert any(t not in (1, 2, 4) for k, v in counts.items() for t in k)  # cold tokens emitted
+  assert chi_square_pvalue(counts, exact, rows * rounds) > 1e-3

@@ -323,3 +323,19 @@ def test_sampling_verification_is_lossless(sampling):
       accept_probs=np.broadcast_to(node_draft_probs, (rows,) + node_draft_probs.shape[1:]))
   wrong_p2, _ = joint_pvalues(wrong["output_tokens"], wrong["accept_len"], target_probs, seed=4)
   assert wrong_p2 < 1e-6, wrong_p2
+
+
+def test_top_candidates_match_top_k_of_log_softmax():
+  """The decoder's top-K on raw logits with log-probs from logsumexp selects the same tokens,
+  with the same log-probs, as top-K of the full log-softmax; NaN logits are never chosen."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 5, 97)).astype(np.float32) * 3
+  logits[0, 0, :7] = np.nan
+  tokens, logp = tree_lib.top_candidates(jnp.asarray(logits), 6)
+  clean = np.where(np.isnan(logits), -np.inf, logits)
+  full = np.asarray(jax.nn.log_softmax(jnp.asarray(clean), axis=-1))
+  expected = np.argsort(-full, axis=-1, kind="stable")[..., :6]
+  np.testing.assert_array_equal(np.asarray(tokens), expected)
+  np.testing.assert_allclose(np.asarray(logp), np.take_along_axis(full, expected, -1),
+                             rtol=0, atol=2e-6)
+  assert not np.isin(np.asarray(tokens)[0, 0], np.arange(7)).any()
