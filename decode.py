@@ -10,19 +10,24 @@ Any config key can be overridden, e.g. --config.decode.max_new_tokens=256. Metho
 vanilla, and eagle / fspad (tree speculative decoding with the draft at draft.path: a
 train.py workdir, one step's checkpoint or an EAGLE-layout directory; tree settings
 decode.tree_depth, decode.tree_top_k, decode.total_tokens). --compare_vanilla also decodes
-every batch with vanilla decoding on the same loaded target and reports the speedup over
-warm calls only (a batch whose shape compiles is decoded again and only the second call is
-timed); greedy runs check that the outputs are identical. The logic lives in
-fspad_jax/decode_lib.py (run_decode).
+every batch with vanilla decoding on the same loaded target and reports the speedup as the
+ratio of tokens/s over warm calls only (both methods decode each batch
+decode.timing_repeats times, interleaved, and the median counts); greedy runs check that
+the outputs are identical. It ends with a short summary; the full one is
+<output>.summary.json. Exit status 1 with one line on a user error, including a job whose
+every record was skipped. The logic lives in fspad_jax/decode_lib.py (run_decode).
 """
 
-import json
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from fspad_jax import console
 
-from fspad_jax import decode_lib
+console.quiet_imports()  # before transformers is imported
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fspad_jax import decode_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _INPUT = flags.DEFINE_string("input", None, "Input JSONL: id + prompt|messages|turns|input_ids.")
@@ -37,13 +42,14 @@ _COMPARE = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup_logging()
   try:
     summary = decode_lib.run_decode(_CONFIG.value, _INPUT.value, _OUTPUT.value,
                                     strict=_STRICT.value, seed=_SEED.value,
                                     compare_vanilla=_COMPARE.value)
   except decode_lib.USER_ERRORS as e:
-    sys.exit(f"decode.py: error: {' '.join(str(e).split())}")  # always one line
-  print(json.dumps(summary, indent=2))
+    sys.exit(f"decode.py: error: {console.one_line(e)}")
+  print(decode_lib.format_summary(summary))
 
 
 if __name__ == "__main__":

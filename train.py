@@ -11,11 +11,14 @@ where jax.distributed discovers them). The logic lives in fspad_jax/trainer.py.
 """
 
 import json
-import logging
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from fspad_jax import console
+
+console.quiet_imports()  # before transformers is imported
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and prepared data go here.")
@@ -29,16 +32,17 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  console.setup_logging()
   from fspad_jax import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_DISTRIBUTED.value)
   from fspad_jax import trainer
   from fspad_jax.config import ConfigError
+  from fspad_jax.data import DataError
   try:
     last = trainer.train(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    sys.exit(f"train.py: error: {e}")
+  except (ConfigError, DataError) as e:
+    sys.exit(f"train.py: error: {console.one_line(e)}")
   print(json.dumps(last, indent=2))
 
 

@@ -25,8 +25,8 @@ running beside, so +-30%); the H100 numbers are PROJECTED, not measured.
   Draft training (trainer.train, fspad): d=128 target, batch 4 x 256: ~0.6 s/step; d=256 x
   4 layers target, batch 4 x 384: ~1.3 s/step.
 
-  * demo (measured: 6.5-7.5 min on 2 CPU cores: data 1 s, tokenizer 2 s, pretraining
-    103-128 s, drafts 4 x ~42 s, decoding 16 runs in 100-170 s). d=128 x 2 layers, 4 heads
+  * demo (run time, measured: README.md, "The two commands"; results.md lists the time of
+    every stage of a run). d=128 x 2 layers, 4 heads
     / 2 KV heads, d_ff 448, vocab 8192; 120 steps x 16 x 256 (~0.45 M real tokens):
     validation loss 5.9 (ppl ~370), so the target mostly babbles frequent tokens; drafts
     50 steps x 4 x 256;
@@ -34,6 +34,11 @@ running beside, so +-30%); the H100 numbers are PROJECTED, not measured.
     top-k 4 / 12 nodes. Measured there at T=0: tau ~3.3-3.5 for fspad and fs_only, ~2.0 for
     eagle and pad_only; greedy outputs identical to vanilla; on a CPU the tree step costs
     more than it saves (speedup ~0.2-0.3x). The demo checks the machinery, not the paper.
+    Its target often cycles between two tokens, so on 3 prompts two drafts can give
+    identical rows (results.md says which, checked step by step).
+  * ci: the demo's stages at minimal sizes (d=64, 20 pretraining steps, eagle and fspad
+    drafts of 8 steps, 1 MT-bench question + 2 prompts, T=0): .ci/run runs it through
+    run_demo.sh in a clean virtual environment, to catch undeclared dependencies.
   * mini (projected from those: ~27 min on 2 CPU cores). d=256 x 4 layers, 4 heads / 2 KV
     heads (head_dim 64), d_ff 896, vocab 8192; 150 steps x 16 x 384 (~0.9 M padded tokens,
     ~8.5 min at ~1.8k padded tok/s); drafts 4 x 80 steps x 4 x 384 (~2.4 min each); 8
@@ -56,7 +61,7 @@ running beside, so +-30%); the H100 numbers are PROJECTED, not measured.
 
 import ml_collections
 
-PRESETS = ("demo", "mini", "small")
+PRESETS = ("demo", "mini", "small", "ci")
 
 
 def _data(max_train: int, max_heldout: int, chunk_chars: int) -> ml_collections.ConfigDict:
@@ -162,6 +167,15 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.pretrain = _pretrain(150, 16, 384, 2e-3, "float32")
     c.drafts = _drafts(80, 4, 384, 2e-3, "float32", eval_batches=2)
     c.eval = _eval(8, 8, 288, 64, 4, depth=5, top_k=4, total=16)
+  elif preset == "ci":  # the demo's path in CI (.ci/run's clean-venv check), minimal sizes
+    c.data = _data(max_train=300, max_heldout=40, chunk_chars=600)
+    c.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024, "corpus_records": 0})
+    c.target = _target(64, 2, 4, 2, 192)
+    c.pretrain = _pretrain(20, 8, 128, 3e-3, "float32")
+    c.drafts = _drafts(8, 4, 128, 3e-3, "float32", depths=2, eval_batches=1)
+    c.drafts.kinds = ("eagle", "fspad")
+    c.eval = _eval(1, 2, 96, 8, 2, depth=2, top_k=2, total=4)
+    c.eval.temperatures = (0.0,)
   else:  # small: one H100
     c.data = _data(max_train=0, max_heldout=0, chunk_chars=3600)
     c.tokenizer = ml_collections.ConfigDict({"vocab_size": 16384, "corpus_records": 0})

@@ -47,6 +47,7 @@ attention masks and position ids); rows are one conversation, right-padded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -521,6 +522,14 @@ def _builder_class():
     # class inside a package, needs the `importlib_resources` backport to do so).
     code_path = None
 
+    # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+    # prepared"; nothing is downloaded here, and prepare_dataset logs its own summary.
+    def _log_download_bytes(self):
+      pass
+
+    def _log_download_done(self):
+      pass
+
     def __init__(self, *, examples: dict[str, list[_StoredExample]], max_len: int,
                  pad_id: int, **kwargs):
       self._examples = examples
@@ -555,6 +564,29 @@ def _builder_class():
   return FspadConversations
 
 
+@contextlib.contextmanager
+def _tfds_bars_off():
+  """tensorflow-datasets' progress bars disabled inside the block (restored after)."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+  previous = tqdm_utils._active  # pylint: disable=protected-access
+  tqdm_utils.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tqdm_utils.display_progress_bar(previous)
+
+
+def _main_reason(bad: BadRecordReport) -> str:
+  """": most (N) dropped as KIND (first detail)" for the commonest bad kind, or ""."""
+  if not bad.counts:
+    return ""
+  kind = max(bad.counts, key=bad.counts.get)
+  detail = bad.details.get(kind)
+  return (f": {bad.counts[kind]} dropped as {kind}" + (f" ({detail})" if detail else "")
+          + (f", {bad.total - bad.counts[kind]} for other reasons"
+             if bad.total > bad.counts[kind] else ""))
+
+
 BUILDER_NAME = "fspad_conversations"  # tfds' snake_case of the class name
 
 
@@ -572,6 +604,17 @@ def prepared_dir_for(data_path: str, tokenizer, max_len: int, out_dir: str,
 def read_report(builder_dir: str) -> dict:
   with open(os.path.join(builder_dir, REPORT_FILE)) as f:
     return json.load(f)
+
+
+def _check_template_renders(tokenizer, tokenizer_dir: str) -> None:
+  """A missing package (transformers renders chat templates with jinja2) fails here, in one
+  line, instead of as a render error of every record."""
+  try:
+    _render(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+  except ImportError as e:
+    raise DataError(f"cannot render the chat template of {tokenizer_dir}: {e}") from None
+  except Exception:  # noqa: BLE001 - template-specific refusals are judged per record
+    pass
 
 
 def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: str,
@@ -596,6 +639,7 @@ def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: s
   if not getattr(tokenizer, "chat_template", None):
     raise DataError(f"the tokenizer in {tokenizer_dir} has no chat template: set "
                     "target.chat_template (e.g. 'vicuna_v1.1', a .jinja file or a template)")
+  _check_template_renders(tokenizer, tokenizer_dir)
   builder_dir = prepared_dir_for(data_path, tokenizer, max_len, out_dir, val_fraction)
   if os.path.exists(os.path.join(builder_dir, REPORT_FILE)):
     report = {**read_report(builder_dir), "reused": True}
@@ -617,7 +661,8 @@ def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: s
             "truncated": truncated, "bad": bad.to_dict()}
   if not examples["train"]:
     bad.log(data_path)
-    raise DataError(f"{data_path}: no usable training conversation ({report})")
+    raise DataError(f"{data_path}: no usable training conversation of {num_records} records"
+                    f"{_main_reason(bad)}")
   if not examples["validation"]:
     logger.warning("%s: the validation split is empty (val_fraction=%s); it is not written",
                    data_path, val_fraction)
@@ -625,7 +670,8 @@ def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: s
   builder = _builder_class()(examples=examples, max_len=max_len,
                              pad_id=pad_token_id(tokenizer), data_dir=data_root,
                              file_format="array_record")
-  builder.download_and_prepare(download_dir=os.path.join(data_root, "downloads"))
+  with _tfds_bars_off():  # nested bars that leave escape codes in logs
+    builder.download_and_prepare(download_dir=os.path.join(data_root, "downloads"))
   # Assistant-token frequencies of the training split, for a hot draft vocabulary.
   counts = count_assistant_tokens(examples["train"], len(tokenizer))
   np.save(os.path.join(builder_dir, TOKEN_COUNTS_FILE), counts)

@@ -32,8 +32,9 @@ hold them per turn, and pooled over the turns at the top level.
 
 `run_decode(..., compare_vanilla=True)` (decode.py --compare_vanilla) also decodes every
 batch with vanilla decoding (a second engine sharing the loaded target weights) and reports
-the speedup from warm calls only: a batch whose shape compiles in this run is decoded again
-and only that second call is timed. Greedy runs also check that the outputs are identical
+the speedup, the ratio of tokens/s, from warm calls only: both engines decode each batch
+`decode.timing_repeats` times without compiling, alternating, and each batch contributes
+the median time of each (_PairedTimer). Greedy runs also check that the outputs are identical
 (`vanilla_match` per record, mismatches listed in the summary with the id, the first
 differing position and, for `turns`, the turn; each later turn's prompt is built from the
 speculative answers and decoded by both). Sampled runs report only the speed.
@@ -46,12 +47,12 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fspad_jax import console
 from fspad_jax.config import ConfigError
 from fspad_jax.draft_source import METHOD_KINDS, load_draft_for_decode, load_draft_hot_ids
 from fspad_jax.quant import check_weight_dtype, quantize_draft
@@ -69,6 +70,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MIN_BUCKET = 64  # smallest padded prompt length
 CACHE_ROUND = 64  # derived cache lengths are multiples of this
 MAX_REPORTED_PROBLEMS = 100  # malformed lines listed in the summary (all are counted)
+TIMING_REPEATS = 3  # --compare_vanilla: interleaved warm calls per batch (median is used)
 
 
 class DecodeError(ValueError):
@@ -98,6 +100,7 @@ class DecodeSettings:
   total_tokens: int = 60  # draft nodes verified per step
   min_prompt_bucket: int = MIN_BUCKET  # smallest padded prompt length (one compile per
   #                                      bucket: raise it to serve every prompt with one shape)
+  timing_repeats: int = TIMING_REPEATS  # --compare_vanilla: warm timed calls per batch each
 
   @property
   def speculative(self) -> bool:
@@ -158,7 +161,7 @@ def _float(config, key: str, default=_REQUIRED) -> float:
 def decode_settings(config) -> DecodeSettings:
   """Validates config.decode; errors name the key. Optional keys: top_p (1.0), top_k (0),
   cache_len (0), stop_token_ids (()), seed (0), tree_depth (6), tree_top_k (10),
-  total_tokens (60), min_prompt_bucket (64)."""
+  total_tokens (60), min_prompt_bucket (64), timing_repeats (3)."""
   method = _get(config, "decode.method")
   if method not in METHODS:
     raise DecodeError(f"config key decode.method={method!r} is not supported "
@@ -195,7 +198,8 @@ def decode_settings(config) -> DecodeSettings:
       batch_size=_int(config, "decode.batch_size", 1), cache_len=cache_len,
       stop_token_ids=tuple(int(s) for s in stops), seed=_int(config, "decode.seed", 0, 0),
       tree_depth=depth, tree_top_k=tree_k, total_tokens=total,
-      min_prompt_bucket=_int(config, "decode.min_prompt_bucket", 1, MIN_BUCKET))
+      min_prompt_bucket=_int(config, "decode.min_prompt_bucket", 1, MIN_BUCKET),
+      timing_repeats=_int(config, "decode.timing_repeats", 1, TIMING_REPEATS))
 
 
 def resolve_target_path(path: str) -> str:
@@ -730,8 +734,7 @@ def _config_dict(config) -> Any:
 
 
 def _default_log(msg: str) -> None:
-  from tqdm import tqdm
-  tqdm.write(msg, file=sys.stderr)
+  console.write(msg)
 
 
 class _Timer:
@@ -741,19 +744,67 @@ class _Timer:
     self.total = self.warm = 0.0
     self.warm_tokens = 0
 
-  def run(self, engine: DecodeEngine, prompts, seed: int, rerun_compiled: bool
-          ) -> list[Completion]:
-    """One batch; with rerun_compiled, a batch that compiled is decoded again (same seed,
-    same outputs) so that its time is measured warm."""
+  def run(self, engine: DecodeEngine, prompts, seed: int) -> list[Completion]:
+    """One batch; its time counts as warm unless the call compiled."""
     out = engine.generate_batch(prompts, seed=seed)
     self.total += out[0].decode_time_s
-    if engine.last_call_compiled and rerun_compiled:
-      out = engine.generate_batch(prompts, seed=seed)
-      self.total += out[0].decode_time_s
     if not engine.last_call_compiled:
       self.warm += out[0].decode_time_s
       self.warm_tokens += sum(c.new_tokens for c in out)
     return out
+
+
+class _PairedTimer:
+  """Speculative against vanilla decode time on the same batches (--compare_vanilla).
+
+  Each batch is decoded by both engines, alternating, until each has `repeats` warm calls
+  (a call that compiled is not timed); the batch contributes the median time of each.
+  Interleaving exposes both to the same machine load. `total` (the calls whose outputs are
+  kept, compilation included), `warm` and `warm_tokens` describe the speculative side, as
+  in _Timer."""
+
+  def __init__(self, repeats: int):
+    self.repeats = repeats
+    self.total = self.warm = self.vanilla_warm = 0.0
+    self.warm_tokens = self.vanilla_warm_tokens = self.timed_batches = 0
+
+  def _call(self, engine: DecodeEngine, prompts, seed: int, times: list[float]):
+    out = engine.generate_batch(prompts, seed=seed)
+    if not engine.last_call_compiled:
+      times.append(out[0].decode_time_s)
+    return out
+
+  def run(self, engine: DecodeEngine, vanilla: DecodeEngine, prompts, seed: int
+          ) -> tuple[list[Completion], list[Completion]]:
+    """One batch: (speculative completions, vanilla completions). Repeated calls use the
+    same seed, so they reproduce the same outputs."""
+    spec_times, vanilla_times = [], []
+    out = self._call(engine, prompts, seed, spec_times)
+    vanilla_out = self._call(vanilla, prompts, seed, vanilla_times)
+    self.total += out[0].decode_time_s
+    while len(spec_times) < self.repeats or len(vanilla_times) < self.repeats:
+      if len(spec_times) < self.repeats:
+        self._call(engine, prompts, seed, spec_times)
+      if len(vanilla_times) < self.repeats:
+        self._call(vanilla, prompts, seed, vanilla_times)
+    self.timed_batches += 1
+    self.warm += float(np.median(spec_times))
+    self.vanilla_warm += float(np.median(vanilla_times))
+    self.warm_tokens += sum(c.new_tokens for c in out)
+    self.vanilla_warm_tokens += sum(c.new_tokens for c in vanilla_out)
+    return out, vanilla_out
+
+  def summary(self) -> dict:
+    """Tokens/s of each side from the per-batch medians; speedup = their ratio."""
+    spec, vanilla = (_rate(self.warm_tokens, self.warm),
+                     _rate(self.vanilla_warm_tokens, self.vanilla_warm))
+    return {"decode_time_s": round(self.warm, 4),
+            "vanilla_decode_time_s": round(self.vanilla_warm, 4),
+            "tokens_per_s": spec, "vanilla_tokens_per_s": vanilla,
+            "speedup": round(spec / vanilla, 4) if spec and vanilla else None,
+            "timing": f"median of {self.repeats} interleaved warm calls per batch "
+                      f"({self.timed_batches} batch{'es' if self.timed_batches != 1 else ''});"
+                      f" speedup = tokens/s ratio"}
 
 
 def _rate(tokens: int, seconds: float) -> float | None:
@@ -772,9 +823,8 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
   `strict` abort the job (DecodeError) before anything is decoded. `engine` reuses a
   DecodeEngine built from this config (then `config` may be None); `seed` overrides
   decode.seed. `compare_vanilla` also decodes each batch with vanilla decoding (see the
-  module docstring)."""
-  from tqdm import tqdm
-
+  module docstring). Raises DecodeError when no record was decoded because every one was
+  skipped (malformed, or too long for the cache), after writing the summary."""
   t_start = time.perf_counter()
   log = log or _default_log
   settings = engine.settings if engine is not None else decode_settings(config)
@@ -808,21 +858,23 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
   writer = JsonlWriter(output_path) if is_writer else None
   queue = collections.deque(_Job(r, r.input_ids) for r in pending)
   stats = collections.Counter()
-  timer, vanilla_timer = _Timer(), _Timer()
+  timer = _PairedTimer(settings.timing_repeats) if vanilla is not None else _Timer()
   depth_hits = np.zeros(settings.tree_depth + 1, np.int64)  # [D+1]: steps accepting >= d
   record_taus, mismatches = [], []
-  bar = tqdm(total=len(pending), unit="rec", disable=not progress, file=sys.stderr,
-             dynamic_ncols=True, desc=f"decode[{settings.method}]")
+  bar = console.progress(len(pending), f"decode[{unit_name(engine)}]", "rec",
+                         enabled=progress)
   try:
     while queue:
       jobs = [queue.popleft() for _ in range(min(settings.batch_size, len(queue)))]
       prompts = [j.prompt for j in jobs]
       bseed = batch_seed(run_seed, stats["batches"])
-      completions = timer.run(engine, prompts, bseed, rerun_compiled=vanilla is not None)
       if vanilla is not None:
-        for job, v in zip(jobs, vanilla_timer.run(vanilla, prompts, bseed, True)):
+        completions, vanilla_out = timer.run(engine, vanilla, prompts, bseed)
+        for job, v in zip(jobs, vanilla_out):
           job.vanilla.append(v)
           stats["vanilla_new_tokens"] += v.new_tokens
+      else:
+        completions = timer.run(engine, prompts, bseed)
       stats["batches"] += 1
       followups = []
       for job, c in zip(jobs, completions):
@@ -863,7 +915,8 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
         stats["decoded"] += 1
         bar.update(1)
       queue.extendleft(reversed(followups))  # finish multi-turn records first
-      bar.set_postfix_str(f"{stats['new_tokens'] / max(timer.total, 1e-9):.1f} tok/s")
+      if timer.warm:  # compile-free calls only
+        bar.set_postfix_str(f"{timer.warm_tokens / timer.warm:.1f} tok/s")
   finally:
     bar.close()
     if writer is not None:
@@ -890,7 +943,8 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
                          if stats[f"finish_{r}"]},
       "batches": stats["batches"],
       "compiled_shapes": len(engine.compiled_shapes),
-      "decode_time_s": round(timer.total, 4),  # all decode calls (compare: + re-runs)
+      # The calls whose outputs are kept (compilation included, timing repeats not).
+      "decode_time_s": round(timer.total, 4),
       "tokens_per_s": _rate(stats["new_tokens"], timer.total) or 0.0,
       "tokens_per_s_excl_compile": _rate(timer.warm_tokens, timer.warm),
       # Target forwards: prefill + verify steps (vanilla: one per token).
@@ -915,12 +969,7 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
   }
   if vanilla is not None:
     summary["compare_vanilla"] = {
-        # Warm calls only: a batch whose shape compiled in this run was decoded again.
-        "decode_time_s": round(timer.warm, 4),
-        "vanilla_decode_time_s": round(vanilla_timer.warm, 4),
-        "speedup": (round(vanilla_timer.warm / timer.warm, 4) if timer.warm else None),
-        "tokens_per_s": _rate(timer.warm_tokens, timer.warm),
-        "vanilla_tokens_per_s": _rate(vanilla_timer.warm_tokens, vanilla_timer.warm),
+        **timer.summary(),  # warm calls only, interleaved, medians
         "vanilla_new_tokens": stats["vanilla_new_tokens"],
         "greedy": greedy_check,
         "checked": stats["checked"] if greedy_check else None,
@@ -932,7 +981,53 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
     with open(tmp, "w") as f:
       json.dump(summary, f, indent=2)
     os.replace(tmp, output_path + ".summary.json")
+  if not summary["decoded"] and not summary["skipped_done"]:
+    raise DecodeError(_nothing_decoded(summary, input_path))
   return summary
+
+
+def _nothing_decoded(summary: dict, input_path: str) -> str:
+  """Why a job decoded nothing, in one line (the summary file lists every problem)."""
+  if not summary["malformed"]:
+    return f"{input_path} holds no record to decode"
+  first = summary["problems"][0]
+  return (f"no record was decoded: all {summary['malformed']} input record(s) were skipped "
+          f"(first: {input_path}:{first['line']}: {first['reason']}); details in "
+          f"{summary['output']}.summary.json")
+
+
+def _num(x, fmt: str = ".1f") -> str:
+  return "-" if x is None else format(x, fmt)
+
+
+def format_summary(summary: dict) -> str:
+  """A run's summary for people, in a few lines (the full one is <output>.summary.json)."""
+  skipped = [f"{summary['malformed']} malformed or too long"] if summary["malformed"] else []
+  if summary["skipped_done"]:
+    skipped.append(f"{summary['skipped_done']} already in the output")
+  lines = [f"decode[{summary['draft']['kind'] if summary['draft'] else summary['method']}]: "
+           f"{summary['decoded']} records decoded"
+           + (f" ({', '.join(skipped)} skipped)" if skipped else "")
+           + f", {summary['new_tokens']} new tokens, "
+           f"{_num(summary['tokens_per_s_excl_compile'])} tokens/s excluding compilation "
+           f"({_num(summary['tokens_per_s'])} with it)"]
+  if summary["acceptance_by_depth"] is not None:
+    lines.append(f"tau {_num(summary['tau'], '.2f')} tokens per target forward; acceptance "
+                 "by depth " + " ".join(f"{a:.2f}" for a in summary["acceptance_by_depth"]))
+  cmp = summary.get("compare_vanilla")
+  if cmp:
+    lines.append(f"vs vanilla: speedup {_num(cmp['speedup'], '.2f')}x "
+                 f"({_num(cmp['tokens_per_s'])} vs {_num(cmp['vanilla_tokens_per_s'])} "
+                 f"tokens/s, {cmp['timing']})")
+    lines.append(f"greedy outputs equal to vanilla: {cmp['matched']}/{cmp['checked']} records"
+                 if cmp["greedy"] else "sampled: outputs not compared with vanilla")
+  lines.append(f"outputs: {summary['output']} (summary: {summary['output']}.summary.json)")
+  return "\n".join(lines)
+
+
+def unit_name(engine: DecodeEngine) -> str:
+  """What a decoding engine runs, by draft kind (fs_only, pad_only, ...) or 'vanilla'."""
+  return engine.draft_info["kind"] if engine.draft_info else engine.settings.method
 
 
 def _next_turn(job: _Job, answer: str | None, engine: DecodeEngine) -> list[int] | Problem:

@@ -16,9 +16,11 @@ when that marker matches; the hash covers the unit's config and the hashes of it
              fspad_jax.trainer.train with the same data, steps and seeds.
   eval       decode_lib.run_decode for every kind x temperature x dataset (MT-bench, both
              turns; held-out ShareGPT first user turns) with compare_vanilla: tau, per-depth
-             acceptance, speedup over vanilla (warm calls), greedy equality.
+             acceptance, speedup over vanilla (ratio of tokens/s; both decode the same
+             batches, interleaved, warm calls only, medians of repeats), greedy equality.
   report     results.md / results.json and tau.png / acceptance_by_depth.png (rewritten on
-             every run from the finished eval units).
+             every run from the finished eval units), and decode_commands.sh: decode.py
+             commands reusing the target and drafts (the CLI prints the fspad one last).
 
 Resuming: rerun the same command. Unfinished pretraining and draft training continue from
 their last Orbax checkpoint; an unfinished eval unit is decoded again from scratch (its
@@ -41,6 +43,8 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
+
+from fspad_jax import console
 
 logger = logging.getLogger(__name__)
 
@@ -501,7 +505,7 @@ def run_prompts(ctx: Context, data_hash: str, tokenizer_hash: str) -> dict:
 def decode_config(ctx: Context, kind: str, temperature: float):
   """decode_lib's config (configs/tiny.py layout) for one draft kind and temperature."""
   import ml_collections
-  from fspad_jax.decode_lib import MIN_BUCKET
+  from fspad_jax.decode_lib import MIN_BUCKET, TIMING_REPEATS
   e = ctx.config.eval
   c = ml_collections.ConfigDict()
   c.target = ml_collections.ConfigDict({"path": ctx.paths.target, "dtype": e.dtype})
@@ -511,7 +515,8 @@ def decode_config(ctx: Context, kind: str, temperature: float):
       "top_k": 0, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
       "cache_len": 0, "stop_token_ids": (), "seed": e.seed, "tree_depth": e.tree_depth,
       "tree_top_k": e.tree_top_k, "total_tokens": e.total_tokens,
-      "min_prompt_bucket": e.get("min_prompt_bucket", MIN_BUCKET)})
+      "min_prompt_bucket": e.get("min_prompt_bucket", MIN_BUCKET),
+      "timing_repeats": e.get("timing_repeats", TIMING_REPEATS)})
   c.draft = ml_collections.ConfigDict({"path": ctx.paths.draft(kind), "kind": kind})
   return c
 
@@ -536,6 +541,7 @@ def _summary_info(summary: dict) -> dict:
                                       "finish_reasons", "malformed", "tree")} | {
       "speedup": cv.get("speedup"), "tokens_per_s": cv.get("tokens_per_s"),
       "vanilla_tokens_per_s": cv.get("vanilla_tokens_per_s"), "greedy": cv.get("greedy"),
+      "vanilla_new_tokens": cv.get("vanilla_new_tokens"), "timing": cv.get("timing"),
       "checked": cv.get("checked"), "matched": cv.get("matched"),
       "mismatches": cv.get("mismatches")}
 
@@ -543,41 +549,34 @@ def _summary_info(summary: dict) -> dict:
 def run_eval(ctx: Context, draft_hashes: dict, prompts_hash: str) -> list[dict]:
   """Every kind x temperature x dataset unit; one DecodeEngine per (kind, temperature)."""
   import jax
-  from tqdm import tqdm
   from fspad_jax import decode_lib
   e = ctx.config.eval
   combos = [(kind, float(t)) for kind in ctx.config.drafts.kinds for t in e.temperatures]
   rows = []
-  bar = tqdm(total=len(combos) * len(e.datasets), desc="eval units", unit="unit",
-             disable=not ctx.progress, file=sys.stderr, position=0, leave=True)
-  try:
-    for kind, temp in combos:
-      units = [(ds, eval_unit(ctx, ds, kind, temp, draft_hashes[kind], prompts_hash))
-               for ds in e.datasets]
-      engine = None
-      for ds, unit in units:
-        def work(ds=ds, unit=unit):
-          nonlocal engine
-          if engine is None:
-            engine = decode_lib.DecodeEngine(decode_config(ctx, kind, temp))
-          out = os.path.join(unit.directory, "outputs.jsonl")
-          if os.path.exists(out):  # an interrupted unit: decode it again from scratch
-            os.remove(out)
-          # "highest": float32 matmuls stay float32 on GPUs/TPUs (no TF32/bf16 passes), so
-          # the greedy comparison with vanilla decoding is exact there too.
-          with jax.default_matmul_precision(e.get("matmul_precision", "highest")):
-            summary = decode_lib.run_decode(None, ctx.paths.prompt_file(ds), out,
-                                            engine=engine, progress=ctx.progress,
-                                            compare_vanilla=e.compare_vanilla,
-                                            log=lambda m: ctx.log("  " + m))
-          return _summary_info(summary)
-        info = ctx.run_unit(unit, work)
-        rows.append({"dataset": ds, "kind": kind, "method": KIND_METHOD[kind],
-                     "temperature": temp, **info})
-        bar.update(1)
-      del engine
-  finally:
-    bar.close()
+  for kind, temp in combos:
+    units = [(ds, eval_unit(ctx, ds, kind, temp, draft_hashes[kind], prompts_hash))
+             for ds in e.datasets]
+    engine = None
+    for ds, unit in units:
+      def work(ds=ds, unit=unit):
+        nonlocal engine
+        if engine is None:
+          engine = decode_lib.DecodeEngine(decode_config(ctx, kind, temp))
+        out = os.path.join(unit.directory, "outputs.jsonl")
+        if os.path.exists(out):  # an interrupted unit: decode it again from scratch
+          os.remove(out)
+        # "highest": float32 matmuls stay float32 on GPUs/TPUs (no TF32/bf16 passes), so
+        # the greedy comparison with vanilla decoding is exact there too.
+        with jax.default_matmul_precision(e.get("matmul_precision", "highest")):
+          summary = decode_lib.run_decode(None, ctx.paths.prompt_file(ds), out,
+                                          engine=engine, progress=ctx.progress,
+                                          compare_vanilla=e.compare_vanilla,
+                                          log=lambda m: ctx.log("  " + m))
+        return _summary_info(summary)
+      info = ctx.run_unit(unit, work)
+      rows.append({"dataset": ds, "kind": kind, "method": KIND_METHOD[kind],
+                   "temperature": temp, **info})
+    del engine
   return rows
 
 
@@ -588,16 +587,92 @@ def _fmt(x, nd=2) -> str:
   return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def sample_line(results: dict) -> str:
+  """The sample behind every row: prompts per dataset, new tokens, timing repeats."""
+  s = results.get("sample") or {}
+  parts = []
+  if s.get("mtbench") is not None:
+    parts.append(f"MT-bench {_count(s['mtbench'], 'question')} ({2 * s['mtbench']} turns, "
+                 f"both decoded)")
+  if s.get("sharegpt") is not None:
+    parts.append(f"held-out ShareGPT {_count(s['sharegpt'], 'prompt')}")
+  return (f"Sample per row: {'; '.join(parts) or 'see results.json'}; at most "
+          f"{s.get('max_new_tokens')} new tokens per turn, batch {s.get('batch_size')}; "
+          f"timing: median of {s.get('timing_repeats')} interleaved warm calls per batch. "
+          f"Small samples: the speed columns are indicative only.")
+
+
+def _accept_lengths(outputs_path: str) -> list | None:
+  """Every completion's accept_lengths in a unit's outputs.jsonl, in order (None: missing)."""
+  if not os.path.isfile(outputs_path):
+    return None
+  out = []
+  with open(outputs_path) as f:
+    for line in f:
+      rec = json.loads(line)
+      out += [t.get("accept_lengths") for t in rec.get("turns", [rec])]
+  return out
+
+
+def identical_rows(rows: list[dict], unit_dir: Callable[[str, str, float], str]
+                   ) -> list[dict]:
+  """Groups of drafts whose rows are identical (tau, acceptance and tokens, same dataset and
+  temperature), with whether their outputs' accept lengths agree step by step
+  (unit_dir(dataset, kind, temperature) holds each unit's outputs.jsonl)."""
+  groups: dict[tuple, list[str]] = {}
+  for r in rows:
+    if r.get("tau") is None:
+      continue
+    key = (r["dataset"], r["temperature"], r.get("tau"),
+           tuple(r.get("acceptance_by_depth") or ()), r.get("new_tokens"))
+    groups.setdefault(key, []).append(r["kind"])
+  found = []
+  for (ds, t, *_), kinds in groups.items():
+    if len(kinds) > 1:
+      steps = [_accept_lengths(os.path.join(unit_dir(ds, k, t), "outputs.jsonl"))
+               for k in kinds]
+      found.append({"dataset": ds, "temperature": t, "kinds": kinds,
+                    "same_steps": steps[0] is not None and all(x == steps[0] for x in steps)})
+  return found
+
+
+def identical_rows_note(groups: list[dict]) -> str:
+  """Says which rows are identical and why (see identical_rows)."""
+  if not groups:
+    return ""
+  def name(g):
+    return f"{' = '.join(g['kinds'])} ({g['dataset']}, T={g['temperature']:g})"
+
+  steps = [name(g) for g in groups if g["same_steps"]]
+  sums = [name(g) for g in groups if not g["same_steps"]]
+  text = ("Identical rows. Not one draft counted twice: each unit loads its own draft, and "
+          "the drafts' weights differ (training table, other rows).")
+  if steps:
+    text += (f" {'; '.join(steps)}: the accept lengths in their outputs agree step by step, "
+             "so the drafts' trees were accepted to the same depth at every step. With few "
+             "prompts this happens when the target's output repeats itself (an under-trained "
+             "target cycles between a few tokens) and the drafts predict the cycle alike.")
+  if sums:
+    text += f" {'; '.join(sums)}: same totals from different steps, a small-sample tie."
+  return text
+
+
 def results_markdown(results: dict) -> str:
   """The results as Markdown tables (decoding, then draft training, then the target)."""
   rows = results["rows"]
   depth = max((len(r.get("acceptance_by_depth") or []) for r in rows), default=0)
   head = (["dataset", "T", "draft", "tau"] + [f"acc@{d}" for d in range(1, depth + 1)]
-          + ["speedup", "tok/s", "vanilla tok/s", "greedy =="])
+          + ["new tokens", "tok/s", "vanilla tok/s", "speedup", "greedy =="])
   lines = [f"# Offline replication on real text: preset `{results.get('preset')}`", "",
            "tau = tokens per target forward (verify step); acc@d = fraction of verify steps "
-           "accepting >= d draft tokens; speedup = vanilla / speculative decode time "
-           "(warm calls); greedy == : outputs identical to vanilla decoding.", "",
+           "accepting >= d draft tokens; new tokens = tokens the row decoded; tok/s: "
+           "speculative and vanilla decoding of the same batches, interleaved, warm calls "
+           "only, median of repeats; speedup = tok/s / vanilla tok/s; greedy == : outputs "
+           "identical to vanilla decoding.", "", sample_line(results), "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"],
                                        list(KIND_METHOD).index(r["kind"]))):
@@ -607,9 +682,13 @@ def results_markdown(results: dict) -> str:
     lines.append("| " + " | ".join(
         [r["dataset"], f"{r['temperature']:g}", r["kind"], _fmt(r.get("tau"), 3)]
         + [_fmt(a, 3) for a in acc[:depth]]
-        + [_fmt(r.get("speedup"), 2) + ("x" if r.get("speedup") else ""),
-           _fmt(r.get("tokens_per_s"), 1), _fmt(r.get("vanilla_tokens_per_s"), 1), greedy])
+        + [_fmt(r.get("new_tokens")), _fmt(r.get("tokens_per_s"), 1),
+           _fmt(r.get("vanilla_tokens_per_s"), 1),
+           _fmt(r.get("speedup"), 2) + ("x" if r.get("speedup") else ""), greedy])
         + " |")
+  notes = identical_rows_note(results.get("identical_rows") or [])
+  if notes:
+    lines += ["", notes]
   drafts = results.get("drafts") or {}
   if drafts:
     ks = sorted({k for d in drafts.values() for k in d if k.startswith("eval_top1_depth")},
@@ -636,6 +715,18 @@ def results_markdown(results: dict) -> str:
               f"(ppl {_fmt(t.get('val_ppl'), 1)}), pretraining "
               f"{_fmt(t.get('mean_tokens_per_s'), 0)} tokens/s."]
   return "\n".join(lines) + "\n"
+
+
+# Marker, dash pattern and size per draft, so that coinciding lines stay distinguishable:
+# the later drafts draw smaller markers on top of the earlier ones' larger ones.
+LINE_STYLES = (("o", "-", 9), ("s", "--", 7), ("^", "-.", 5.5), ("x", ":", 5))
+
+
+def line_style(i: int) -> dict:
+  """matplotlib plot() keywords for the i-th draft's line."""
+  marker, dashes, size = LINE_STYLES[i % len(LINE_STYLES)]
+  return {"marker": marker, "linestyle": dashes, "markersize": size,
+          "markerfacecolor": "none" if i % 2 == 0 else None, "linewidth": 1.6 - 0.3 * (i % 2)}
 
 
 def write_plots(results: dict, out_dir: str) -> list[str]:
@@ -680,7 +771,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
       acc = next((r.get("acceptance_by_depth") for r in rows if r["kind"] == k
                   and r["dataset"] == ds and r["temperature"] == temp), None)
       if acc:
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=k)
+        ax.plot(range(1, len(acc) + 1), acc, label=k, **line_style(kinds.index(k)))
     ax.set_title(f"{ds}, T={temp:g}", fontsize=9)
     ax.set_xlabel("draft depth d")
     ax.set_xticks(range(1, 1 + max((len(r.get("acceptance_by_depth") or [])
@@ -696,13 +787,75 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
   return paths
 
 
+def _timing_repeats_default() -> int:
+  from fspad_jax.decode_lib import TIMING_REPEATS
+  return TIMING_REPEATS
+
+
+DECODE_COMMANDS = "decode_commands.sh"
+
+
+def _python() -> str:
+  """`python3` when that is this interpreter (e.g. in an activated venv), else its path."""
+  found = shutil.which("python3")
+  same = found and os.path.realpath(found) == os.path.realpath(sys.executable)
+  return "python3" if same else sys.executable
+
+
+def decode_command(ctx: Context, kind: str) -> str:
+  """The decode.py command that decodes the MT-bench prompts with this run's target and
+  `kind` draft, its tree settings and vanilla comparison, from any directory."""
+  import shlex
+  from fspad_jax.config import repo_config_path
+  d = decode_config(ctx, kind, 0.0).decode
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out_dir = os.path.abspath(os.path.join(ctx.paths.workdir, "decode"))
+  args = [_python(), os.path.join(root, "decode.py"), f"--config={os.path.abspath(repo_config_path('tiny'))}",
+          f"--config.target.path={os.path.abspath(ctx.paths.target)}",
+          f"--config.target.dtype={ctx.config.eval.dtype}",
+          f"--config.decode.method={d.method}",
+          f"--config.draft.path={os.path.abspath(ctx.paths.draft(kind))}",
+          f"--config.draft.kind={kind}", f"--config.decode.temperature={d.temperature:g}",
+          f"--config.decode.max_new_tokens={d.max_new_tokens}",
+          f"--config.decode.batch_size={d.batch_size}",
+          f"--config.decode.tree_depth={d.tree_depth}",
+          f"--config.decode.tree_top_k={d.tree_top_k}",
+          f"--config.decode.total_tokens={d.total_tokens}",
+          f"--input={os.path.abspath(ctx.paths.prompt_file('mtbench'))}",
+          f"--output={os.path.join(out_dir, f'mtbench_{kind}.jsonl')}", "--compare_vanilla"]
+  return " ".join(shlex.quote(a) for a in args)
+
+
+def write_decode_commands(ctx: Context) -> dict:
+  """Writes <workdir>/decode_commands.sh (one decode.py command per draft kind, for the
+  user's own prompts: change --input); returns {"file", "kind", "command"} for the fspad
+  draft (else the first kind)."""
+  os.makedirs(os.path.join(ctx.paths.workdir, "decode"), exist_ok=True)
+  kinds = list(ctx.config.drafts.kinds)
+  lines = ["# decode.py with this run's target and drafts, tree settings as in its eval.",
+           "# Each line decodes MT-bench; pass your own prompts with --input=FILE.jsonl."]
+  lines += [decode_command(ctx, k) for k in kinds]
+  path = os.path.join(ctx.paths.workdir, DECODE_COMMANDS)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  first = "fspad" if "fspad" in kinds else kinds[0]
+  return {"file": path, "kind": first, "command": decode_command(ctx, first)}
+
+
 def write_report(ctx: Context, rows: list[dict], infos: dict) -> dict:
+  e = ctx.config.eval
+  prompts = infos.get("prompts") or {}
+  sample = {**{ds: prompts[ds] for ds in e.datasets if ds in prompts},
+            "max_new_tokens": e.max_new_tokens,
+            "batch_size": e.batch_size,
+            "timing_repeats": e.get("timing_repeats", _timing_repeats_default())}
   results = {"preset": ctx.config.get("preset", ""), "workdir": os.path.abspath(
-      ctx.paths.workdir), "rows": rows, "data": infos.get("data"),
+      ctx.paths.workdir), "rows": rows, "sample": sample, "data": infos.get("data"),
       "tokenizer": infos.get("tokenizer"), "target": infos.get("pretrain"),
       "drafts": infos.get("drafts"), "stages": [
           # seconds: the unit's own run time (also for units skipped in this run)
           {"unit": u, "status": s, "seconds": round(t, 2)} for u, s, t in ctx.events]}
+  results["identical_rows"] = identical_rows(rows, ctx.paths.eval_unit)
   _write_json(os.path.join(ctx.paths.workdir, "results.json"), results)
   md = results_markdown(results)
   with open(os.path.join(ctx.paths.workdir, "results.md"), "w") as f:
@@ -734,7 +887,7 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
   os.makedirs(workdir, exist_ok=True)
   ctx = Context(config=config, paths=Paths(workdir), on_stale=on_stale, progress=progress,
                 deadline=(time.monotonic() + 60 * max_minutes) if max_minutes else None,
-                log=log or (lambda m: print(m, file=sys.stderr, flush=True)))
+                log=log or console.write)
   _write_json(os.path.join(workdir, "config.json"), _plain(config))
   infos: dict[str, Any] = {}
   last = max(STAGES.index(s) for s in stages)  # stages after it are not touched
@@ -775,9 +928,10 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     qu = prompts_unit(ctx, du.hash, tu.hash)
     rows = []
     if "eval" in stages:
-      run_prompts(ctx, du.hash, tu.hash)
+      infos["prompts"] = run_prompts(ctx, du.hash, tu.hash)
       rows = run_eval(ctx, draft_hashes, qu.hash)
     else:  # report only: the eval units that are done
+      infos["prompts"] = qu.done_info()
       for kind in config.drafts.kinds:
         for t in config.eval.temperatures:
           for ds in config.eval.datasets:
@@ -789,6 +943,7 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
       return {**partial(), "rows": rows}
     results = write_report(ctx, rows, infos)
     ctx.log(f"results: {os.path.join(workdir, 'results.md')}")
+    results["decode_commands"] = write_decode_commands(ctx)
     return results
   except OutOfTime as e:
     ctx.log(f"[stopped] time budget spent at {e.args[0]}: rerun the same command to resume")
@@ -808,7 +963,24 @@ def load_preset(preset: str, path: str | None = None):
   return load_config_module(path).get_config(preset)
 
 
+def decode_hint(commands: dict) -> str:
+  """The closing lines: how to decode with the run's target and drafts."""
+  return (f"Decode with this target and its {commands['kind']} draft (tree settings as above; "
+          f"every draft's command is in {commands['file']}):\n  {commands['command']}")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Errors the CLI reports as one line naming the cause (bad config, data, checkpoints,
+  missing packages or files), not as a traceback."""
+  from fspad_jax.data import DataError
+  from fspad_jax.decode_lib import USER_ERRORS
+  from fspad_jax.realdata import MissingDataError
+  from fspad_jax.safetensors_io import SafetensorsError
+  return (PipelineError, MissingDataError, DataError, SafetensorsError) + USER_ERRORS
+
+
 def main():
+  console.quiet_imports()  # before transformers is imported
   from absl import app, flags
   from ml_collections import config_flags
 
@@ -828,10 +1000,7 @@ def main():
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / tfds chatter
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("fspad_jax").setLevel(logging.INFO)
+    console.setup_logging()
     if config_flag.value is not None:
       config = config_flag.value
     elif preset.value:
@@ -840,18 +1009,17 @@ def main():
       raise app.UsageError("pass --preset=demo|mini|small or --config=configs/realtext.py:NAME")
     if not workdir.value:
       raise app.UsageError("--workdir is required")
-    from fspad_jax.decode_lib import USER_ERRORS
-    from fspad_jax.realdata import MissingDataError
     try:
       results = run_pipeline(config, workdir.value, stages_flag.value,
                              on_stale="rerun" if rerun_stale.value else "error",
                              progress=not no_progress.value, max_minutes=max_minutes.value)
-    except (PipelineError, MissingDataError) + USER_ERRORS as e:
-      sys.exit(f"fspad_jax.pipeline: error: {e}")
+    except user_errors() as e:
+      sys.exit(f"fspad_jax.pipeline: error: {console.one_line(e)}")
     if results.get("stopped"):
       sys.exit(EXIT_INCOMPLETE)
     if "markdown" in results:
       print(results["markdown"])
+      print(decode_hint(results["decode_commands"]))
 
   app.run(run)
 

@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fspad_jax import console
 from fspad_jax import data as data_lib
 from fspad_jax import train_lib
 from fspad_jax.config import ModelConfig, RopeConfig
@@ -279,13 +280,11 @@ def pretrain(cfg: ModelConfig, data_path: str, tokenizer_dir: str, out_dir: str,
   workdir: checkpoints + metrics.jsonl; prepared_dir: where prepare_dataset caches rows
   (default <workdir>/data). deadline: a time.monotonic() value after which the loop saves
   and returns. Returns the last metrics plus {"step", "done", "out_dir"}."""
-  from tqdm import tqdm
-
   os.makedirs(workdir, exist_ok=True)
   prepared_root = prepared_dir or os.path.join(workdir, "data")
   prepared, report = data_lib.prepare_dataset(data_path, tokenizer_dir, opts.max_len,
                                               prepared_root, val_fraction=opts.val_fraction)
-  logger.info("pretraining data %s: %s", prepared, json.dumps(report))
+  logger.debug("pretraining data %s: %s", prepared, json.dumps(report))  # logged there
   mesh = make_mesh((-1, 1, 1))
   if opts.batch_size % mesh.size:
     raise ValueError(f"batch_size={opts.batch_size} is not divisible by the {mesh.size} "
@@ -311,8 +310,7 @@ def pretrain(cfg: ModelConfig, data_path: str, tokenizer_dir: str, out_dir: str,
   writer = train_lib.MetricsWriter(workdir, tensorboard=False)
   fpt = flops_per_token(cfg, opts.max_len)
   step = int(jax.device_get(state.step))
-  bar = tqdm(total=opts.steps, initial=step, disable=not progress, desc="pretrain",
-             unit="step", dynamic_ncols=True)
+  bar = console.progress(opts.steps, "pretrain", "step", enabled=progress, initial=step)
   last: dict[str, Any] = {}
   # Throughput windows exclude the first step of this process (it compiles).
   window = {"t": None, "tokens": 0.0, "steps": 0}
@@ -373,7 +371,7 @@ def pretrain(cfg: ModelConfig, data_path: str, tokenizer_dir: str, out_dir: str,
     writer.write(step, "eval", ev)
     result.update(ev)
     save_model_dir(out_dir, cfg, state.params, tokenizer_dir, extra=result)
-    logger.info("pretrained target written to %s: %s", out_dir, json.dumps(
-        {k: v for k, v in result.items() if not isinstance(v, dict)}))
+    logger.info("pretrained target written to %s: validation loss %.3f (ppl %.1f)", out_dir,
+                result.get("val_loss", float("nan")), result.get("val_ppl", float("nan")))
   writer.close()
   return result

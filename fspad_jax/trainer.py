@@ -22,8 +22,8 @@ import jax
 import numpy as np
 import ml_collections
 from flax import nnx
-from tqdm import tqdm
 
+from fspad_jax import console
 from fspad_jax import data as data_lib
 from fspad_jax import hot_vocab, train_lib
 from fspad_jax.config import ConfigError, load_hf_config
@@ -144,7 +144,7 @@ def prepare_data(config, workdir: str) -> str:
         config.data.path, config.target.path, config.data.max_len, out_dir,
         val_fraction=config.data.val_fraction,
         chat_template=config.target.get("chat_template", ""))
-    logger.info("prepared data in %s: %s", builder_dir, json.dumps(report))
+    logger.debug("prepared data in %s: %s", builder_dir, json.dumps(report))  # logged there
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fspad_jax data prepared")
@@ -240,8 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   peak = _peak_flops(t.peak_flops_per_device)
   flops = train_lib.flops_per_step(target.cfg, setup.draft_cfg, t.global_batch * seq, seq)
   start_step = int(jax.device_get(state.step))
-  bar = tqdm(total=t.steps, initial=start_step, disable=not progress or jax.process_index(),
-             desc=f"train {setup.draft_cfg.kind}", unit="step")
+  bar = console.progress(t.steps, f"train {setup.draft_cfg.kind}", "step", initial=start_step,
+                         enabled=progress and not jax.process_index())
   last = writer.last_record() if start_step >= t.steps else {}  # rerun of a finished run
   window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
   with train_lib.PreemptionFlag() as preempt:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fspad_jax import decode_lib
+from fspad_jax import console, decode_lib
 from fspad_jax.config import load_repo_config
 from fspad_jax.decode_lib import DecodeEngine, DecodeError, bucket_length, run_decode
 from fspad_jax.generate import FINISH_REASONS, GenerateOptions, VanillaGenerator
@@ -353,13 +353,19 @@ def test_cli_end_to_end(lib_run, tiny_llama_dir, tmp_path):
             f"--config.decode.max_new_tokens={MAX_NEW}", f"--config.decode.batch_size={BATCH}",
             f"--input={inp}", f"--output={out}"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
-  summary = json.loads(r.stdout)
   with open(out + ".summary.json") as f:
-    assert json.load(f) == summary
+    summary = json.load(f)
   assert summary["decoded"] == 4 and summary["malformed"] == 1
+  # stdout: the short human summary, not the JSON
+  assert r.stdout.strip() == decode_lib.format_summary(summary)
+  assert len(r.stdout.splitlines()) <= 4
+  assert "decode[vanilla]: 4 records decoded (1 malformed or too long skipped)" in r.stdout
+  assert f"{summary['new_tokens']} new tokens" in r.stdout
   (line,) = expected
   assert f"{inp}:{line}: invalid JSON" in r.stderr
-  assert "tok/s" in r.stderr  # progress bar
+  # Not a terminal: one plain progress line at the end, no bar, no library chatter.
+  assert "  decode[vanilla]: 4/4 rec (" in r.stderr
+  assert console.find_noise(r.stderr) == [], r.stderr[-3000:]
   records = by_id(read_jsonl(out))
   assert sorted(records) == sorted(json.dumps(g["id"]) for g in good)
   for key, rec in records.items():
@@ -376,6 +382,41 @@ def test_cli_error_is_one_line(tmp_path):
       "decode.py: error: config key decode.method='fspad2' is not supported "
       "(supported: eagle, fspad, vanilla)")
   assert "Traceback" not in r.stderr
+
+
+def test_cli_all_records_skipped_exits_nonzero(tiny_llama_dir, tmp_path):
+  """Every record malformed or too long for the cache: exit 1 with one line, and the summary
+  file still lists the problems."""
+  (tmp_path / "in.jsonl").write_text(
+      "not json\n" + json.dumps({"id": "long", "input_ids": [5] * 3000}) + "\n")
+  r = _cli([f"--config={REPO}/configs/tiny.py", f"--config.target.path={tiny_llama_dir}",
+            "--input=in.jsonl", "--output=out.jsonl"], tmp_path)
+  assert r.returncode == 1, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("decode.py: error: no record was decoded: all 2 input record(s) "
+                         "were skipped (first: in.jsonl:1: invalid JSON"), last
+  assert "Traceback" not in r.stderr and r.stdout == ""
+  with open(tmp_path / "out.jsonl.summary.json") as f:
+    summary = json.load(f)
+  assert summary["decoded"] == 0 and summary["malformed"] == 2
+  assert "too long" in summary["problems"][1]["reason"]
+
+
+def test_resumed_job_with_everything_done_is_not_an_error(lib_run, engine, tmp_path):
+  inp, _, _, out, _ = lib_run
+  copy_out = str(tmp_path / "out.jsonl")
+  with open(out) as f, open(copy_out, "w") as g:
+    g.write(f.read())
+  summary = run_decode(engine.config, inp, copy_out, engine=engine, progress=False,
+                       log=lambda m: None)
+  assert summary["decoded"] == 0 and summary["skipped_done"] == len(GOOD)
+
+
+def test_format_summary_is_short(lib_run):
+  text = decode_lib.format_summary(lib_run[2])
+  assert len(text.splitlines()) == 2 and "tau" not in text  # vanilla: no acceptance line
+  assert text.startswith(f"decode[vanilla]: {len(GOOD)} records decoded ({len(BAD)} "
+                         f"malformed or too long skipped)")
 
 
 def test_llama3_config_file():

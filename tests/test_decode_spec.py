@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fspad_jax import decode_lib
+from fspad_jax import console, decode_lib
 from fspad_jax.config import load_repo_config
 from fspad_jax.decode_lib import DecodeEngine, DecodeError, run_decode
 from fspad_jax.draft import draft_config_from_target, init_draft
@@ -134,9 +134,12 @@ def fspad_run(dirs, tmp_path_factory):
             f"--config.decode.max_new_tokens={MAX_NEW}", f"--config.decode.batch_size={BATCH}",
             f"--input={dirs['input']}", f"--output={out}", "--compare_vanilla"], tmp)
   assert r.returncode == 0, r.stderr[-3000:]
-  summary = json.loads(r.stdout)
   with open(out + ".summary.json") as f:
-    assert json.load(f) == summary
+    summary = json.load(f)
+  # Loading the train.py workdir's Orbax checkpoint: no INFO chatter, no absl-format lines.
+  assert console.find_noise(r.stderr) == [], r.stderr[-3000:]
+  assert "INFO" not in r.stderr, r.stderr[-3000:]
+  assert r.stdout.strip() == decode_lib.format_summary(summary)
   return summary, read_jsonl(out)
 
 
@@ -210,6 +213,46 @@ def test_cli_fspad_workdir_compare_vanilla(fspad_run, vanilla_run, dirs):
   # Every batch was timed warm (compiled shapes are decoded again).
   assert cmp["speedup"] > 0 and cmp["decode_time_s"] > 0 and cmp["vanilla_decode_time_s"] > 0
   assert summary["tokens_per_s_excl_compile"] == cmp["tokens_per_s"] > 0
+  # speedup: the ratio of tokens/s (not of times, which differ in output lengths)
+  assert cmp["speedup"] == pytest.approx(cmp["tokens_per_s"] / cmp["vanilla_tokens_per_s"],
+                                         rel=1e-3)
+  assert "median of 3 interleaved warm calls" in cmp["timing"]
+  text = decode_lib.format_summary(summary)
+  assert text.splitlines()[0].startswith(f"decode[fspad]: {len(GOOD)} records decoded")
+  assert f"tau {summary['tau']:.2f}" in text and "acceptance by depth" in text
+  assert f"speedup {cmp['speedup']:.2f}x" in text
+  assert f"greedy outputs equal to vanilla: {len(GOOD)}/{len(GOOD)} records" in text
+
+
+class _FakeEngine:
+  """generate_batch's timing interface: call k takes times[k] seconds; compiles once."""
+
+  def __init__(self, name, times, calls, tokens=4):
+    self.name, self.times, self.calls, self.tokens = name, list(times), calls, tokens
+    self.last_call_compiled = False
+
+  def generate_batch(self, prompts, seed=0):
+    k = sum(1 for c in self.calls if c == self.name)
+    self.calls.append(self.name)
+    self.last_call_compiled = k == 0
+    return [decode_lib.Completion(output_ids=[1] * self.tokens, finish_reason="length",
+                                  prompt_tokens=1, decode_time_s=self.times[k])
+            for _ in prompts]
+
+
+def test_paired_timer_interleaves_and_takes_medians():
+  calls = []
+  spec = _FakeEngine("spec", [9.0, 1.0, 5.0, 2.0], calls, tokens=6)  # call 0 compiles
+  vanilla = _FakeEngine("vanilla", [7.0, 4.0, 1.0, 40.0], calls, tokens=3)
+  timer = decode_lib._PairedTimer(repeats=3)
+  out, vanilla_out = timer.run(spec, vanilla, [[0], [0]], seed=0)
+  assert len(out) == len(vanilla_out) == 2
+  assert calls == ["spec", "vanilla"] + ["spec", "vanilla"] * 3  # alternating
+  assert timer.warm == 2.0 and timer.vanilla_warm == 4.0  # medians of the warm calls
+  assert timer.total == 9.0  # the call whose outputs are kept (it compiled)
+  s = timer.summary()
+  assert s["tokens_per_s"] == 12 / 2.0 and s["vanilla_tokens_per_s"] == 6 / 4.0
+  assert s["speedup"] == 4.0  # tokens/s ratio: (12 / 2) / (6 / 4)
 
 
 def test_eagle_layout_dir_equals_vanilla(eagle_run, vanilla_run, dirs):

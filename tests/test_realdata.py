@@ -279,6 +279,14 @@ def test_pipeline_end_to_end(finished):
   with open(os.path.join(workdir, "results.md")) as f:
     md = f.read()
   assert "| mtbench | 0 | fspad |" in md and "acc@3" in md
+  # The sample beside the table: prompts per dataset, new tokens, timing repeats.
+  assert ("Sample per row: MT-bench 2 questions (4 turns, both decoded); held-out ShareGPT 2 "
+          "prompts; at most 8 new tokens per turn, batch 2; timing: median of 3 interleaved "
+          "warm calls per batch.") in md
+  assert "| new tokens | tok/s | vanilla tok/s | speedup |" in md
+  for r in rows:  # speedup: the ratio of tokens/s
+    assert r["speedup"] == pytest.approx(r["tokens_per_s"] / r["vanilla_tokens_per_s"],
+                                         rel=1e-3)
   if importlib.util.find_spec("matplotlib") is not None:
     for name in ("tau.png", "acceptance_by_depth.png"):
       assert os.path.getsize(os.path.join(workdir, name)) > 1000
@@ -286,6 +294,90 @@ def test_pipeline_end_to_end(finished):
   out = realdata.read_jsonl(os.path.join(workdir, "eval", "mtbench", "fspad_t0",
                                          "outputs.jsonl"))
   assert all(len(r["turns"]) == 2 for r in out)
+
+
+def test_printed_decode_command_reproduces_the_eval(finished, tmp_path):
+  """The decode.py command the pipeline writes (and prints) reuses its target, fspad draft
+  and tree: run from elsewhere, it reproduces the MT-bench T=0 row."""
+  import shlex
+  import subprocess
+  results, workdir = finished["results"], finished["workdir"]
+  info = results["decode_commands"]
+  assert info["file"] == os.path.join(workdir, "decode_commands.sh") and info["kind"] == "fspad"
+  with open(info["file"]) as f:
+    commands = [line for line in f.read().splitlines() if not line.startswith("#")]
+  assert len(commands) == 2 and commands[1] == info["command"]  # eagle, fspad
+  assert info["command"] in pipeline.decode_hint(info)
+  args = shlex.split(info["command"])
+  assert "--config.decode.tree_depth=3" in args and "--config.decode.total_tokens=6" in args
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(workdir, "decode", "mtbench_fspad.jsonl.summary.json")) as f:
+    summary = json.load(f)
+  row = next(x for x in results["rows"] if (x["dataset"], x["kind"], x["temperature"])
+             == ("mtbench", "fspad", 0.0))
+  assert summary["tree"] == {"depth": 3, "top_k": 2, "total_tokens": 6}
+  assert (summary["tau"], summary["new_tokens"], summary["acceptance_by_depth"]) == (
+      row["tau"], row["new_tokens"], row["acceptance_by_depth"])
+  assert summary["compare_vanilla"]["matched"] == row["matched"] == 2
+
+
+def test_pipeline_cli_user_error_is_one_line(tmp_path):
+  """A DataError (every training conversation too long for max_len) ends the CLI in one
+  line naming the cause, after plain, quiet output."""
+  import subprocess
+  import sys
+  from fspad_jax import console
+  convs = realdata.read_jsonl(make_tiny_conversations(str(tmp_path / "tiny.jsonl"), num=40))
+  sharegpt = write_truncated_list(str(tmp_path / "sharegpt.json"), convs)
+  mtbench = tmp_path / "question.jsonl"
+  mtbench.write_text(json.dumps({"question_id": 81, "category": "writing",
+                                 "turns": ["Write.", "Shorter."]}) + "\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [sys.executable, "-m", "fspad_jax.pipeline", f"--config={repo}/configs/realtext.py:ci",
+          f"--config.data.sharegpt_path={sharegpt}", f"--config.data.mtbench_path={mtbench}",
+          "--config.data.heldout_fraction=0.1", "--config.data.chunk_chars=0",
+          "--config.tokenizer.vocab_size=300", "--config.pretrain.max_len=2",
+          "--config.drafts.max_len=2", f"--workdir={tmp_path / 'work'}",
+          "--stages=data,tokenizer,pretrain"]
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+  r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("fspad_jax.pipeline: error: ") and "train.jsonl: no usable " \
+      "training conversation of" in last and "dropped as over_long" in last, last
+  assert "Traceback" not in r.stderr
+  assert console.find_noise(r.stderr) == [], r.stderr[-3000:]
+  assert "[done] tokenizer" in r.stderr
+
+
+def test_line_styles_tell_drafts_apart():
+  styles = [pipeline.line_style(i) for i in range(len(pipeline.KIND_METHOD))]
+  assert len({(s["marker"], s["linestyle"]) for s in styles}) == len(styles)
+  sizes = [s["markersize"] for s in styles]
+  assert sizes == sorted(sizes, reverse=True)  # later (top) markers smaller: all visible
+
+
+def test_identical_rows_are_explained(tmp_path):
+  steps = {"a": [[1, 2], [0]], "b": [[1, 2], [0]], "c": [[2, 1], [0]], "d": [[1, 1], [1]]}
+  rows = []
+  for kind, accepts in steps.items():
+    d = tmp_path / kind
+    d.mkdir()
+    (d / "outputs.jsonl").write_text("".join(
+        json.dumps({"id": i, "accept_lengths": a}) + "\n" for i, a in enumerate(accepts)))
+    rows.append({"dataset": "x", "temperature": 0.0, "kind": kind, "new_tokens": 9,
+                 "tau": 2.0 if kind != "d" else 1.5, "acceptance_by_depth": [0.5]})
+  groups = pipeline.identical_rows(rows, lambda ds, k, t: str(tmp_path / k))
+  assert groups == [{"dataset": "x", "temperature": 0.0, "kinds": ["a", "b", "c"],
+                     "same_steps": False}]
+  rows = [r for r in rows if r["kind"] in "abd"]
+  groups = pipeline.identical_rows(rows, lambda ds, k, t: str(tmp_path / k))
+  assert groups == [{"dataset": "x", "temperature": 0.0, "kinds": ["a", "b"],
+                     "same_steps": True}]
+  note = pipeline.identical_rows_note(groups)
+  assert "a = b (x, T=0): the accept lengths in their outputs agree step by step" in note
 
 
 def test_pipeline_rerun_skips_everything(finished):
@@ -338,7 +430,7 @@ def test_pipeline_refuses_stale_units_and_missing_stages(finished, tmp_path):
 
 
 def test_presets_load_and_build():
-  for name in ("demo", "mini", "small"):
+  for name in ("demo", "mini", "small", "ci"):
     c = pipeline.load_preset(name)
     assert c.pretrain.max_len == c.drafts.max_len  # prepared rows shared
     assert c.pretrain.val_fraction == c.drafts.val_fraction

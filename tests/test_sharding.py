@@ -1,7 +1,6 @@
 """Sharded execution equals one device: simulated CPU meshes and 2 local processes."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 from fspad_jax.sharding import ShardingError, ShardingRules, make_mesh
 from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, tiny_config
+from process_group import ProcessGroup
 from sharding_case import run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,24 +51,19 @@ def test_eight_simulated_devices_match_one(model_dir, single_device, tmp_path):
   _check(np.load(out), single_device)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one(model_dir, single_device, tmp_path):
   out = tmp_path / "mp.npz"
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "sharded_runner.py"), "--model_dir", model_dir,
-       "--out", str(out), "--devices", "4", "--num_processes", "2", "--process_id", str(i),
-       "--coordinator", f"localhost:{port}", "--meshes", *MESHES],
-      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+
+  def commands(port, attempt):
+    return [[sys.executable, os.path.join(HERE, "sharded_runner.py"), "--model_dir", model_dir,
+             "--out", str(out), "--devices", "4", "--num_processes", "2", "--process_id",
+             str(i), "--coordinator", f"localhost:{port}", "--meshes", *MESHES]
+            for i in range(2)]
+
+  group = ProcessGroup(commands, tmp_path, "mp", _env()).start()
+  logs = group.wait(timeout=600)
+  for code, log in zip(group.returncodes, logs):
+    assert code == 0, log[-3000:]
     assert "devices 8 processes 2 ok" in log, log[-3000:]
   _check(np.load(out), single_device)
 
