@@ -16,9 +16,10 @@ from fspad_jax.generate import GenerateOptions, VanillaGenerator
 from fspad_jax.sampling import SamplingParams
 from fspad_jax.sharding import make_mesh
 from fspad_jax.speculative import SpecOptions, SpeculativeGenerator, cache_len_for
-from test_speculative import (assert_greedy_equal, chi_square_pvalue,
-                              exact_first_tokens_distribution, random_prompts,
-                              small_vocab_target, train_draft_on_own_samples)
+from test_speculative import (SAMPLED_PROMPT, SAMPLED_ROUNDS, SAMPLED_ROWS, assert_greedy_equal,
+                              chi_square_pvalue, exact_first_tokens_distribution,
+                              random_prompts, sample_first_tokens, small_vocab_target,
+                              train_draft_on_own_samples)
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +90,7 @@ def test_sampling_matches_target_distribution_int8_draft(mesh):
   dg, dp = quant.quantize_draft(*nnx.split(init_draft(dcfg, seed=12)))
   spec = SpeculativeGenerator(tg, tp, dg, dp, mesh, weight_dtype="int8")
   sampling = SamplingParams(temperature=0.7, top_p=0.9)
-  prompt, rows, rounds = [2, 5, 1], 2000, 10
-  options = SpecOptions(max_new_tokens=3, sampling=sampling, depth=3, top_k=3,
-                        total_tokens=8, cache_len=32)
-  counts, accepted = {}, []
-  for seed in range(rounds):
-    out = spec(np.tile(np.asarray(prompt, np.int32), (rows, 1)), np.full(rows, len(prompt)),
-               options, seed=seed)
-    for row in map(tuple, out.tokens[:, :3].tolist()):
-      counts[row] = counts.get(row, 0) + 1
-    accepted.append(out.accept_history[:, 0])
-  assert (np.concatenate(accepted) >= 1).mean() > 0.2
-  exact = exact_first_tokens_distribution(cfg, tg, tp, prompt, sampling)
-  assert chi_square_pvalue(counts, exact, rows * rounds) > 1e-3
+  counts, accepted = sample_first_tokens(spec, sampling)
+  assert (accepted >= 1).mean() > 0.2
+  exact = exact_first_tokens_distribution(cfg, tg, tp, SAMPLED_PROMPT, sampling)
+  assert chi_square_pvalue(counts, exact, SAMPLED_ROWS * SAMPLED_ROUNDS) > 1e-3

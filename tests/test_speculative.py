@@ -259,25 +259,33 @@ def sampling_setup(mesh):
   return cfg, tg, tp, SpeculativeGenerator(tg, tp, dg, dp, mesh)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_sampling_matches_target_distribution(sampling_setup, temperature, top_p):
-  cfg, tg, tp, spec = sampling_setup
-  sampling = SamplingParams(temperature=temperature, top_p=top_p)
-  prompt = [2, 5, 1]
-  rows, rounds = 2000, 10  # 20,000 samples
+SAMPLED_PROMPT, SAMPLED_ROWS, SAMPLED_ROUNDS = [2, 5, 1], 2000, 10  # 20,000 samples
+
+
+def sample_first_tokens(spec, sampling: SamplingParams):
+  """The first 3 tokens after SAMPLED_PROMPT, sampled SAMPLED_ROWS x SAMPLED_ROUNDS times
+  (a depth-3 / top-k-3 / 8-node tree). Returns (counts {tokens: n}, first-step accepts)."""
   options = SpecOptions(max_new_tokens=3, sampling=sampling, depth=3, top_k=3,
                         total_tokens=8, cache_len=32)
+  prompt = np.tile(np.asarray(SAMPLED_PROMPT, np.int32), (SAMPLED_ROWS, 1))
   counts, accepted = {}, []
-  for seed in range(rounds):
-    out = spec(np.tile(np.asarray(prompt, np.int32), (rows, 1)), np.full(rows, len(prompt)),
-               options, seed=seed)
+  for seed in range(SAMPLED_ROUNDS):
+    out = spec(prompt, np.full(SAMPLED_ROWS, len(SAMPLED_PROMPT)), options, seed=seed)
     assert np.all(out.num_tokens == 3)
     for row in map(tuple, out.tokens[:, :3].tolist()):
       counts[row] = counts.get(row, 0) + 1
     accepted.append(out.accept_history[:, 0])
-  accepted = np.concatenate(accepted)
+  return counts, np.concatenate(accepted)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampling_matches_target_distribution(sampling_setup, temperature, top_p):
+  cfg, tg, tp, spec = sampling_setup
+  sampling = SamplingParams(temperature=temperature, top_p=top_p)
+  prompt = SAMPLED_PROMPT
+  counts, accepted = sample_first_tokens(spec, sampling)
   assert (accepted >= 1).mean() > 0.2 and (accepted == 2).any()  # verification was exercised
-  total = rows * rounds
+  total = SAMPLED_ROWS * SAMPLED_ROUNDS
   exact = exact_first_tokens_distribution(cfg, tg, tp, prompt, sampling)
   assert abs(sum(exact.values()) - 1.0) < 1e-6
   p_value = chi_square_pvalue(counts, exact, total)
@@ -340,19 +348,8 @@ def test_sampling_matches_target_distribution_hot_vocabulary(sampling_setup, mes
   dg, dp = random_draft(cfg, "fspad", seed=12)
   spec = SpeculativeGenerator(tg, tp, dg, dp, mesh, hot_ids=np.asarray([1, 2, 4], np.int32))
   sampling = SamplingParams(temperature=1.0)
-  prompt = [2, 5, 1]
-  rows, rounds = 2000, 10
-  options = SpecOptions(max_new_tokens=3, sampling=sampling, depth=3, top_k=3,
-                        total_tokens=8, cache_len=32)
-  counts, accepted = {}, []
-  for seed in range(rounds):
-    out = spec(np.tile(np.asarray(prompt, np.int32), (rows, 1)), np.full(rows, len(prompt)),
-               options, seed=seed)
-    for row in map(tuple, out.tokens[:, :3].tolist()):
-      counts[row] = counts.get(row, 0) + 1
-    accepted.append(out.accept_history[:, 0])
-  accepted = np.concatenate(accepted)
+  counts, accepted = sample_first_tokens(spec, sampling)
   assert (accepted >= 1).mean() > 0.1  # hot drafts were accepted
-  exact = exact_first_tokens_distribution(cfg, tg, tp, prompt, sampling)
+  exact = exact_first_tokens_distribution(cfg, tg, tp, SAMPLED_PROMPT, sampling)
   assert any(t not in (1, 2, 4) for k, v in counts.items() for t in k)  # cold tokens emitted
-  assert chi_square_pvalue(counts, exact, rows * rounds) > 1e-3
+  assert chi_square_pvalue(counts, exact, SAMPLED_ROWS * SAMPLED_ROUNDS) > 1e-3
