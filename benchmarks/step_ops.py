@@ -188,12 +188,7 @@ def vanilla_hlo(cfg, batch: int, cache_len: int) -> str:
 def abstract_int8_draft(draft_cfg):
   """The abstract draft with quant.quantize_draft's layout: int8 kernels, float32 scales."""
   draft = abstract_draft(draft_cfg)
-  for path, name, in_axes in quant.DRAFT_KERNELS:
-    module = draft
-    for part in path:
-      module = getattr(module, part, None)
-    if module is None:
-      continue
+  for module, name, in_axes in quant.draft_kernels(draft):
     shape = tuple(getattr(module, name).shape)
     scale = tuple(1 if i in in_axes else n for i, n in enumerate(shape))
     setattr(module, name, nnx.Param(jax.ShapeDtypeStruct(shape, jnp.int8)))

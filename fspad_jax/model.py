@@ -145,27 +145,23 @@ def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Arr
   batch, seq = positions.shape
   cos, sin = rope_tables(cfg, positions)
   window = cfg.sliding_window
-  if cache_lengths is None:
-    if block_mask is None:
-      block_mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
-    if window is not None:
-      block_mask &= positions[:, :, None] - positions[:, None, :] < window
-    return AttentionInputs(cos, sin, block_mask, None)
-
   slots = jnp.arange(max_len, dtype=jnp.int32)
-  if write_slots is None and block_mask is None:
+  contiguous = cache_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None] if (
+      cache_lengths is not None) else None  # [batch, seq]: the slots right after the prefix
+  if cache_lengths is not None and write_slots is None and block_mask is None:
     # Contiguous causal block right after the prefix: query i sees slots < lengths + i + 1.
-    write_slots = cache_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None]  # [b, seq]
-    mask = slots[None, None, :] <= write_slots[:, :, None]  # [batch, seq, max_len]
+    mask = slots[None, None, :] <= contiguous[:, :, None]  # [batch, seq, max_len]
     if window is not None:  # every visible slot s holds position s
       mask &= positions[:, :, None] - slots[None, None, :] < window
-    return AttentionInputs(cos, sin, mask, write_slots)
-  if write_slots is None:
-    write_slots = cache_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None]
+    return AttentionInputs(cos, sin, mask, contiguous)
+
   if block_mask is None:
     block_mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
   if window is not None:
     block_mask &= positions[:, :, None] - positions[:, None, :] < window
+  if cache_lengths is None:
+    return AttentionInputs(cos, sin, block_mask, None)
+  write_slots = contiguous if write_slots is None else write_slots
   at_slot = write_slots[:, :, None] == slots[None, None, :]  # [batch, seq(key), max_len]
   in_block = jnp.any(block_mask[:, :, :, None] & at_slot[:, None], axis=2)  # [b, seq, max_len]
   mask = (slots[None, None, :] < cache_lengths[:, None, None]) | in_block

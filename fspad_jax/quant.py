@@ -10,8 +10,6 @@ lossless; quantization can only change which tokens the draft proposes.
 
 from __future__ import annotations
 
-import numpy as np
-
 WEIGHT_DTYPES = ("", "int8")  # "" = the draft's compute dtype
 SCALE_SUFFIX = "_scale"
 
@@ -23,12 +21,14 @@ def check_weight_dtype(value: str, key: str = "draft.weight_dtype") -> str:
   return value
 
 
-def quantize_int8(w: np.ndarray, in_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """w -> (q int8 like w, scale float32 with size 1 on `in_axes`): w ~= q * scale."""
-  w = np.asarray(w, np.float32)
-  amax = np.max(np.abs(w), axis=in_axes, keepdims=True)
-  scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-  q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+def quantize_int8(w, in_axes: tuple[int, ...]):
+  """w -> (q int8 like w, scale float32 with size 1 on `in_axes`): w ~= q * scale.
+  Traceable (the hot LM head is quantized inside jit)."""
+  import jax.numpy as jnp
+  w = jnp.asarray(w).astype(jnp.float32)
+  amax = jnp.max(jnp.abs(w), axis=in_axes, keepdims=True)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.rint(w / scale), -127, 127).astype(jnp.int8)
   return q, scale
 
 
@@ -51,6 +51,16 @@ DRAFT_KERNELS = (
 )
 
 
+def draft_kernels(draft):
+  """(module, kernel attribute, contracted axes) for each DRAFT_KERNELS entry the draft has."""
+  for path, name, in_axes in DRAFT_KERNELS:
+    module = draft
+    for part in path:
+      module = getattr(module, part, None)
+    if module is not None:  # e.g. no feature-sampling block in this draft kind
+      yield module, name, in_axes
+
+
 def quantize_draft(graphdef, params, mesh=None):
   """(graphdef, params) of a float draft -> the same draft with int8 kernels and float32
   per-channel scales (`<kernel>_scale` params beside each kernel), placed replicated on
@@ -60,13 +70,8 @@ def quantize_draft(graphdef, params, mesh=None):
   from fspad_jax.sharding import replicated
   draft = nnx.merge(graphdef, params)
   place = (lambda x: jax.device_put(x, replicated(mesh))) if mesh is not None else jax.device_put
-  for path, name, in_axes in DRAFT_KERNELS:
-    module = draft
-    for part in path:
-      module = getattr(module, part, None)
-    if module is None:  # e.g. no feature-sampling block in this draft kind
-      continue
-    q, scale = quantize_int8(np.asarray(jax.device_get(getattr(module, name)[...])), in_axes)
+  for module, name, in_axes in draft_kernels(draft):
+    q, scale = jax.jit(quantize_int8, static_argnums=1)(getattr(module, name)[...], in_axes)
     setattr(module, name, nnx.Param(place(q)))
     setattr(module, name + SCALE_SUFFIX, nnx.Param(place(scale)))
   return nnx.split(draft)
