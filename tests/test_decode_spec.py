@@ -16,6 +16,7 @@ from flax import nnx
 from fspad_jax import console, decode_lib
 from fspad_jax.config import load_repo_config
 from fspad_jax.decode_lib import DecodeEngine, DecodeError, run_decode
+from fspad_jax.decoding import timing
 from fspad_jax.draft import draft_config_from_target, init_draft
 from fspad_jax.draft_checkpoint import save_draft
 from fspad_jax.draft_source import load_draft_for_decode
@@ -244,7 +245,7 @@ def test_paired_timer_interleaves_and_takes_medians():
   calls = []
   spec = _FakeEngine("spec", [9.0, 1.0, 5.0, 2.0], calls, tokens=6)  # call 0 compiles
   vanilla = _FakeEngine("vanilla", [7.0, 4.0, 1.0, 40.0], calls, tokens=3)
-  timer = decode_lib._PairedTimer(repeats=3)
+  timer = timing.PairedTimer(repeats=3)
   out, vanilla_out = timer.run(spec, vanilla, [[0], [0]], seed=0)
   assert len(out) == len(vanilla_out) == 2
   assert calls == ["spec", "vanilla"] + ["spec", "vanilla"] * 3  # alternating

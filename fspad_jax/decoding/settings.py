@@ -1,0 +1,156 @@
+"""The `decode` section of a config, validated: DecodeSettings, and DecodeError for every
+user mistake (one line naming the culprit)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from fspad_jax.config import ConfigError
+from fspad_jax.draft_source import METHOD_KINDS
+from fspad_jax.generate import GenerateOptions
+from fspad_jax.hf_checkpoint import CheckpointError, resolve_model_dir
+from fspad_jax.sampling import SamplingParams
+from fspad_jax.sharding import ShardingError
+from fspad_jax.speculative import SpecOptions, cache_len_for
+from fspad_jax.tree import num_buffer_nodes
+
+METHOD_NAMES = ("vanilla", *METHOD_KINDS)  # decode.method values (engine.METHODS builds them)
+DTYPES = ("float32", "bfloat16", "float16")
+MIN_BUCKET = 64  # smallest padded prompt length
+TIMING_REPEATS = 3  # --compare_vanilla: interleaved warm calls per batch (median is used)
+
+class DecodeError(ValueError):
+  """A user error (config, input file, output file), as one line naming the culprit."""
+
+
+# Errors that decode.py reports as one line instead of a traceback.
+USER_ERRORS = (DecodeError, ConfigError, CheckpointError, ShardingError, FileNotFoundError)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """The validated `decode` section of a config."""
+
+  method: str
+  sampling: SamplingParams
+  max_new_tokens: int
+  batch_size: int
+  cache_len: int  # 0: derived per batch from the padded prompt length
+  stop_token_ids: tuple[int, ...]  # extra stop ids, on top of the checkpoint's eos ids
+  seed: int
+  tree_depth: int = 6  # D (speculative methods)
+  tree_top_k: int = 10  # K
+  total_tokens: int = 60  # draft nodes verified per step
+  min_prompt_bucket: int = MIN_BUCKET  # smallest padded prompt length (one compile per
+  #                                      bucket: raise it to serve every prompt with one shape)
+  timing_repeats: int = TIMING_REPEATS  # --compare_vanilla: warm timed calls per batch each
+
+  @property
+  def speculative(self) -> bool:
+    return self.method in METHOD_KINDS
+
+  def spec_options(self, options: GenerateOptions) -> SpecOptions:
+    """The speculative counterpart of one batch's GenerateOptions."""
+    return SpecOptions(max_new_tokens=options.max_new_tokens, sampling=options.sampling,
+                       stop_token_ids=options.stop_token_ids, cache_len=options.cache_len,
+                       depth=self.tree_depth, top_k=self.tree_top_k,
+                       total_tokens=self.total_tokens)
+
+  @property
+  def tree_reserve(self) -> int:
+    """Cache slots a speculative method needs beyond prompt + max_new_tokens (0: vanilla)."""
+    if not self.speculative:
+      return 0
+    opts = self.spec_options(GenerateOptions(max_new_tokens=self.max_new_tokens))
+    return cache_len_for(0, opts) - self.max_new_tokens
+
+  def tree_dict(self) -> dict | None:
+    if not self.speculative:
+      return None
+    return {"depth": self.tree_depth, "top_k": self.tree_top_k,
+            "total_tokens": self.total_tokens}
+
+
+REQUIRED = object()
+
+
+def config_value(config, key: str, default=REQUIRED):
+  """config['a.b'] (or `default` when absent) with an error that names a missing key."""
+  node = config
+  for part in key.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      if default is REQUIRED:
+        raise DecodeError(f"config key {key} is missing") from None
+      return default
+  return node
+
+
+def config_int(config, key: str, minimum: int, default=REQUIRED) -> int:
+  value = config_value(config, key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise DecodeError(f"config key {key}={value!r}: expected an integer >= {minimum}")
+  return int(value)
+
+
+def config_float(config, key: str, default=REQUIRED) -> float:
+  value = config_value(config, key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise DecodeError(f"config key {key}={value!r}: expected a number")
+  return float(value)
+
+
+def decode_settings(config) -> DecodeSettings:
+  """Validates config.decode; errors name the key. Optional keys: top_p (1.0), top_k (0),
+  cache_len (0), stop_token_ids (()), seed (0), tree_depth (6), tree_top_k (10),
+  total_tokens (60), min_prompt_bucket (64), timing_repeats (3)."""
+  method = config_value(config, "decode.method")
+  if method not in METHOD_NAMES:
+    raise DecodeError(f"config key decode.method={method!r} is not supported "
+                      f"(supported: {', '.join(sorted(METHOD_NAMES))})")
+  depth = config_int(config, "decode.tree_depth", 1, 6)
+  tree_k = config_int(config, "decode.tree_top_k", 1, 10)
+  total = config_int(config, "decode.total_tokens", 1, 60)
+  if method in METHOD_KINDS and total > num_buffer_nodes(tree_k, depth):
+    raise DecodeError(f"config key decode.total_tokens={total} exceeds the "
+                      f"{num_buffer_nodes(tree_k, depth)} nodes that decode.tree_depth={depth} "
+                      f"and decode.tree_top_k={tree_k} draft")
+  temperature = config_float(config, "decode.temperature")
+  top_p = config_float(config, "decode.top_p", 1.0)
+  top_k = config_int(config, "decode.top_k", 0, 0)
+  try:
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+  except ValueError as e:
+    raise DecodeError(f"config keys decode.temperature/top_p/top_k: {e}") from None
+  max_new = config_int(config, "decode.max_new_tokens", 1)
+  cache_len = config_int(config, "decode.cache_len", 0, 0)
+  if cache_len and cache_len <= max_new:
+    raise DecodeError(f"config key decode.cache_len={cache_len} leaves no room for a prompt "
+                      f"with decode.max_new_tokens={max_new} (use 0 to derive it)")
+  stops = config_value(config, "decode.stop_token_ids", ())
+  if isinstance(stops, (int, np.integer)) and not isinstance(stops, bool):
+    stops = (stops,)
+  if (not isinstance(stops, Sequence) or isinstance(stops, str)
+      or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+             for s in stops)):
+    raise DecodeError(f"config key decode.stop_token_ids={stops!r}: expected a list of "
+                      f"non-negative token ids")
+  return DecodeSettings(
+      method=method, sampling=sampling, max_new_tokens=max_new,
+      batch_size=config_int(config, "decode.batch_size", 1), cache_len=cache_len,
+      stop_token_ids=tuple(int(s) for s in stops), seed=config_int(config, "decode.seed", 0, 0),
+      tree_depth=depth, tree_top_k=tree_k, total_tokens=total,
+      min_prompt_bucket=config_int(config, "decode.min_prompt_bucket", 1, MIN_BUCKET),
+      timing_repeats=config_int(config, "decode.timing_repeats", 1, TIMING_REPEATS))
+
+
+def resolve_target_path(path: str) -> str:
+  """target.path as a local directory: a directory, or a repo id in the local HF cache."""
+  try:
+    return resolve_model_dir(path, "target.path")
+  except ConfigError as e:
+    raise DecodeError(str(e)) from None
