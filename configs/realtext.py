@@ -107,6 +107,9 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
   """Draft training (fspad_jax.trainer.train); identical for every kind."""
   return ml_collections.ConfigDict({
       "kinds": ("eagle", "fspad", "fs_only", "pad_only"),
+      # Training data: "sharegpt" (the train split's own answers) or "regen" (the regen
+      # stage's target-written answers); regen_kinds train on "regen" whatever `data` says.
+      "data": "sharegpt", "regen_kinds": (),
       "dtype": dtype,  # draft compute dtype (master weights float32)
       "target_dtype": "float32" if dtype == "float32" else "bfloat16",
       "max_len": max_len,  # = pretrain.max_len: the prepared rows are shared
@@ -123,6 +126,18 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
           "eval_batch_size": eval_batch or batch, "eval_batches": eval_batches,
           "checkpoint_every": max(steps // 2, 1),
           "keep_checkpoints": 2, "tensorboard": False, "peak_flops_per_device": 0.0},
+  })
+
+
+def _regen(conversations: int, max_new: int, batch: int, max_turns: int = 0,
+           dtype: str = "float32") -> ml_collections.ConfigDict:
+  """The regen stage (fspad_jax.regenerate): train-split conversations answered again by
+  the pretrained target, vanilla decoding; prompts capped at drafts.max_len."""
+  return ml_collections.ConfigDict({
+      "conversations": conversations,  # the first N train-split records; 0 = all
+      "max_turns": max_turns,  # user turns answered per conversation; 0 = all
+      "max_new_tokens": max_new, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+      "batch_size": batch, "dtype": dtype, "seed": 0,
   })
 
 
@@ -159,6 +174,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.target = _target(128, 2, 4, 2, 448)
     c.pretrain = _pretrain(120, 16, 256, 3e-3, "float32")
     c.drafts = _drafts(50, 4, 256, 3e-3, "float32", depths=4, eval_batches=2)
+    c.regen = _regen(300, 64, 16)
     c.eval = _eval(3, 3, 192, 32, 4, depth=4, top_k=4, total=12)
   elif preset == "mini":
     c.data = _data(max_train=6000, max_heldout=200, chunk_chars=1400)
@@ -166,6 +182,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.target = _target(256, 4, 4, 2, 896)
     c.pretrain = _pretrain(150, 16, 384, 2e-3, "float32")
     c.drafts = _drafts(80, 4, 384, 2e-3, "float32", eval_batches=2)
+    c.regen = _regen(400, 96, 16)
     c.eval = _eval(8, 8, 288, 64, 4, depth=5, top_k=4, total=16)
   elif preset == "ci":  # the demo's path in CI (.ci/run's clean-venv check), minimal sizes
     c.data = _data(max_train=300, max_heldout=40, chunk_chars=600)
@@ -174,6 +191,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.pretrain = _pretrain(20, 8, 128, 3e-3, "float32")
     c.drafts = _drafts(8, 4, 128, 3e-3, "float32", depths=2, eval_batches=1)
     c.drafts.kinds = ("eagle", "fspad")
+    c.regen = _regen(4, 8, 4, max_turns=2)
     c.eval = _eval(1, 2, 96, 8, 2, depth=2, top_k=2, total=4)
     c.eval.temperatures = (0.0,)
   else:  # small: one H100
@@ -182,5 +200,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.target = _target(768, 8, 12, 4, 2688)
     c.pretrain = _pretrain(800, 64, 1024, 1e-3, "bfloat16")
     c.drafts = _drafts(300, 32, 1024, 5e-4, "bfloat16", eval_batches=16, eval_batch=8)
+    c.regen = _regen(8000, 256, 64, dtype="bfloat16")
     c.eval = _eval(24, 24, 768, 128, 8, depth=6, top_k=10, total=60, min_prompt_bucket=768)
   return c

@@ -205,7 +205,8 @@ def _iter_json_list(text: str, path: str):
     pos = _SPACE_RE.match(text, pos + 1).end()
 
 
-def _parse_record(record: Any, line: int) -> Conversation | Rejected:
+def _parse_record(record: Any, line: int, require_assistant: bool = True
+                  ) -> Conversation | Rejected:
   """A decoded JSON value -> Conversation, or the reason it is bad."""
   if not isinstance(record, dict):
     return Rejected("malformed", f"record is a {type(record).__name__}, not an object")
@@ -241,15 +242,19 @@ def _parse_record(record: Any, line: int) -> Conversation | Rejected:
     if not isinstance(content, str):
       return Rejected("non_text", f"turn {i} value is a {type(content).__name__}")
     messages.append({"role": role, "content": content})
-  if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+  if require_assistant and not any(m["role"] == "assistant" and m["content"].strip()
+                                   for m in messages):
     return Rejected("no_assistant", "no non-blank assistant turn")
   record_id = record.get("id")
   record_id = str(record_id) if isinstance(record_id, (str, int)) else None
   return Conversation(messages=messages, line=line, record_id=record_id)
 
 
-def load_conversations(path: str) -> tuple[list[Conversation], BadRecordReport]:
-  """Parses a JSON-list or JSONL ShareGPT file; bad records are counted, not raised.
+def load_conversations(path: str, require_assistant: bool = True
+                       ) -> tuple[list[Conversation], BadRecordReport]:
+  """Parses a JSON-list or JSONL ShareGPT file; bad records are counted, not raised
+  (require_assistant=False keeps records without an assistant reply, e.g. prompts to
+  answer).
 
   The format is sniffed from the content: a file whose first non-blank character is '['
   is a JSON list, anything else is JSONL (one record per line, blank lines skipped)."""
@@ -267,7 +272,8 @@ def load_conversations(path: str) -> tuple[list[Conversation], BadRecordReport]:
     records = _iter_jsonl(raw)
   conversations, report = [], BadRecordReport()
   for line, record in records:
-    parsed = record if isinstance(record, Rejected) else _parse_record(record, line)
+    parsed = (record if isinstance(record, Rejected)
+              else _parse_record(record, line, require_assistant))
     if isinstance(parsed, Rejected):
       report.add(parsed.kind, line, parsed.detail)
     else:

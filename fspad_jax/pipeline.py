@@ -12,8 +12,15 @@ when that marker matches; the hash covers the unit's config and the hashes of it
              with the Llama-3-style chat template.
   pretrain   a Llama-3-shaped target trained from scratch on the chat-rendered train split
              (fspad_jax.pretrain), saved as a Hugging Face model directory.
+  regen      the first regen.conversations train-split conversations with every answer
+             replaced by the pretrained target's own (fspad_jax.regenerate: vanilla decoding,
+             regen.temperature / max_new_tokens; turns whose prompt exceeds drafts.max_len
+             are not regenerated, since training would cut them off): regen/train.jsonl
+             with its provenance. Resumes conversation by conversation.
   drafts     one draft per kind (eagle, fspad, fs_only, pad_only) trained by
-             fspad_jax.trainer.train with the same data, steps and seeds.
+             fspad_jax.trainer.train with the same data, steps and seeds; on the ShareGPT
+             train split, or on the regenerated one for drafts.data="regen" (every kind) or
+             the kinds in drafts.regen_kinds.
   eval       decode_lib.run_decode for every kind x temperature x dataset (MT-bench, both
              turns; held-out ShareGPT first user turns) with compare_vanilla: tau, per-depth
              acceptance, speedup over vanilla (ratio of tokens/s; both decode the same
@@ -48,9 +55,10 @@ from fspad_jax import console
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("data", "tokenizer", "pretrain", "drafts", "eval", "report")
+STAGES = ("data", "tokenizer", "pretrain", "regen", "drafts", "eval", "report")
 KIND_METHOD = {"eagle": "eagle", "fspad": "fspad", "fs_only": "fspad", "pad_only": "fspad"}
 DATASETS = ("mtbench", "sharegpt")
+DRAFT_DATA = ("sharegpt", "regen")  # drafts.data: what the drafts train on
 PIPELINE_VERSION = 1  # bump when a stage's outputs change meaning
 MARKER, STARTED = ".done", ".started"
 EXIT_INCOMPLETE = 3  # CLI exit status when the time budget stopped the run early
@@ -181,6 +189,14 @@ class Paths:
   @property
   def target(self):
     return os.path.join(self.workdir, "target")
+
+  @property
+  def regen(self):
+    return os.path.join(self.workdir, "regen")
+
+  @property
+  def regen_train(self):
+    return os.path.join(self.regen, "train.jsonl")
 
   @property
   def pretrain_work(self):
@@ -373,6 +389,68 @@ def run_pretrain(ctx: Context, tokenizer_hash: str, vocab_size: int) -> dict:
   return ctx.run_unit(unit, work)
 
 
+def regen_decode_config(ctx: Context):
+  """decode_lib's config for the regen stage: vanilla decoding with the pretrained target.
+  The cache holds drafts.max_len prompt tokens + regen.max_new_tokens, and prompts are
+  padded to drafts.max_len: one compiled shape, and no turn that training would cut off."""
+  import ml_collections
+  r, max_len = ctx.config.regen, ctx.config.drafts.max_len
+  c = ml_collections.ConfigDict()
+  c.target = ml_collections.ConfigDict({"path": ctx.paths.target, "dtype": r.dtype})
+  c.mesh = ml_collections.ConfigDict({"shape": tuple(ctx.config.mesh.shape)})
+  c.decode = ml_collections.ConfigDict({
+      "method": "vanilla", "temperature": float(r.temperature), "top_p": float(r.top_p),
+      "top_k": int(r.top_k), "max_new_tokens": r.max_new_tokens, "batch_size": r.batch_size,
+      "cache_len": max_len + r.max_new_tokens, "stop_token_ids": (), "seed": r.seed,
+      "min_prompt_bucket": max_len})
+  return c
+
+
+def regen_unit(ctx: Context, pretrain_hash: str) -> Unit:
+  """The regen stage (its target's hash covers the tokenizer and the train split)."""
+  spec = {"version": PIPELINE_VERSION, "target": pretrain_hash,
+          "regen": _plain(ctx.config.get("regen") or {}),
+          "decode": _plain(regen_decode_config(ctx).decode)
+          if ctx.config.get("regen") else None}
+  return Unit("regen", ctx.paths.regen, spec)
+
+
+def run_regen(ctx: Context, pretrain_hash: str) -> dict:
+  from fspad_jax import decode_lib, regenerate
+  unit = regen_unit(ctx, pretrain_hash)
+  r = ctx.config.regen
+
+  def work():
+    os.makedirs(ctx.paths.regen, exist_ok=True)
+    engine = decode_lib.DecodeEngine(regen_decode_config(ctx))
+    summary = regenerate.regenerate(
+        None, ctx.paths.train, ctx.paths.regen_train, engine=engine,
+        limit=r.conversations, max_turns=r.max_turns, progress=ctx.progress,
+        log=lambda m: ctx.log("  " + m), deadline=ctx.deadline)
+    if not summary["complete"]:
+      return None
+    if not summary["written"]:
+      raise PipelineError(f"regen: no conversation kept an answer (details in "
+                          f"{ctx.paths.regen_train}{regenerate.PROVENANCE_SUFFIX})")
+    ctx.log(f"  regenerated {summary['written']} conversations ({summary['answers']} "
+            f"answers, {summary['new_tokens']} new tokens)")
+    return {k: summary[k] for k in ("conversations", "written", "answers", "new_tokens",
+                                    "finish_reasons", "stopped", "decode_time_s")}
+
+  return ctx.run_unit(unit, work)
+
+
+def draft_data_source(config, kind: str) -> str:
+  """What the `kind` draft trains on: "sharegpt" (the train split) or "regen" (the regen
+  stage's output): drafts.data, or "regen" for a kind listed in drafts.regen_kinds."""
+  dr = config.drafts
+  source = dr.get("data", "sharegpt")
+  if source not in DRAFT_DATA:
+    raise PipelineError(f"config key drafts.data={source!r}: expected one of "
+                        f"{', '.join(DRAFT_DATA)}")
+  return "regen" if kind in tuple(dr.get("regen_kinds", ()) or ()) else source
+
+
 def draft_trainer_config(ctx: Context, kind: str):
   """The trainer.train config (configs/tiny.py layout) of one draft kind."""
   import ml_collections
@@ -385,8 +463,9 @@ def draft_trainer_config(ctx: Context, kind: str):
   c.draft = ml_collections.ConfigDict({
       "path": "", "kind": kind, "dtype": dr.dtype,
       "shape": {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0}})
+  regen = draft_data_source(ctx.config, kind) == "regen"
   c.data = ml_collections.ConfigDict({
-      "path": ctx.paths.train, "max_len": dr.max_len, "val_fraction": dr.val_fraction,
+      "path": ctx.paths.regen_train if regen else ctx.paths.train, "max_len": dr.max_len, "val_fraction": dr.val_fraction,
       "prepared_dir": ctx.paths.prepared})
   c.train = ml_collections.ConfigDict(train)
   return c
@@ -398,6 +477,8 @@ def draft_unit(ctx: Context, kind: str, pretrain_hash: str) -> Unit:
           "draft": _plain(cfg.draft), "data": {k: cfg.data[k] for k in ("max_len",
                                                                        "val_fraction")},
           "train": _plain(cfg.train), "mesh": _plain(cfg.mesh)}
+  if draft_data_source(ctx.config, kind) == "regen":  # ShareGPT drafts keep their old spec
+    spec["data_source"] = {"regen": regen_unit(ctx, pretrain_hash).hash}
   return Unit(f"drafts/{kind}", ctx.paths.draft(kind), spec)
 
 
@@ -701,6 +782,13 @@ def results_markdown(results: dict) -> str:
     for kind, d in drafts.items():
       lines.append(f"| {kind} | {d.get('step')} | "
                    + " | ".join(_fmt(d.get(k), 3) for k in ks) + " |")
+  g = results.get("regen")
+  if g:
+    on = [k for k, v in (results.get("draft_data") or {}).items() if v == "regen"]
+    lines += ["", f"Regenerated data (regen stage): {g.get('written')} of "
+              f"{g.get('conversations')} train conversations, {g.get('answers')} answers by "
+              f"the target ({g.get('new_tokens')} new tokens); drafts trained on it: "
+              f"{', '.join(on) or 'none (all on the ShareGPT answers)'}."]
   seconds: dict[str, float] = {}
   for st in results.get("stages") or []:
     top = st["unit"].split("/")[0]
@@ -852,6 +940,8 @@ def write_report(ctx: Context, rows: list[dict], infos: dict) -> dict:
   results = {"preset": ctx.config.get("preset", ""), "workdir": os.path.abspath(
       ctx.paths.workdir), "rows": rows, "sample": sample, "data": infos.get("data"),
       "tokenizer": infos.get("tokenizer"), "target": infos.get("pretrain"),
+      "regen": infos.get("regen"), "draft_data": {
+          k: draft_data_source(ctx.config, k) for k in ctx.config.drafts.kinds},
       "drafts": infos.get("drafts"), "stages": [
           # seconds: the unit's own run time (also for units skipped in this run)
           {"unit": u, "status": s, "seconds": round(t, 2)} for u, s, t in ctx.events]}
@@ -917,6 +1007,18 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     infos["pretrain"] = need("pretrain", pu, lambda: run_pretrain(
         ctx, tu.hash, infos["tokenizer"]["vocab_size"]))
     if last == STAGES.index("pretrain"):
+      return partial()
+    ru = regen_unit(ctx, pu.hash)
+    if "regen" in stages and config.get("regen") is not None:
+      infos["regen"] = run_regen(ctx, pu.hash)
+    elif any(draft_data_source(config, k) == "regen" for k in config.drafts.kinds):
+      if config.get("regen") is None:
+        raise PipelineError("drafts train on regenerated data (drafts.data / "
+                            "drafts.regen_kinds) but the config has no regen section")
+      infos["regen"] = need("regen", ru, lambda: run_regen(ctx, pu.hash))
+    else:
+      infos["regen"] = ru.done_info()
+    if last == STAGES.index("regen"):
       return partial()
     infos["drafts"], draft_hashes = {}, {}
     for kind in config.drafts.kinds:
