@@ -248,6 +248,9 @@ def tiny_pipeline_config(root):
   c.eval.update(mtbench_questions=2, sharegpt_prompts=2, max_new_tokens=8, batch_size=2,
                 tree_depth=3, tree_top_k=2, total_tokens=6, max_prompt_tokens=100)
   c.eval.temperatures = (0.0,)
+  # Sampled: greedy, the 20-step target answers only whitespace (empty answers are dropped).
+  c.regen.update(conversations=8, max_new_tokens=8, batch_size=4, temperature=1.0)
+  c.drafts.regen_kinds = ("fspad",)  # fspad trains on the regen stage's output
   return c
 
 
@@ -268,6 +271,8 @@ def test_pipeline_end_to_end(finished):
   results, workdir = finished["results"], finished["workdir"]
   assert set(_statuses(results).values()) == {"ran"}
   assert results["data"]["truncated_source"] and results["data"]["mtbench_questions"] == 3
+  assert results["regen"]["written"] == 8 and results["draft_data"] == {
+      "eagle": "sharegpt", "fspad": "regen"}
   rows = results["rows"]
   assert {(r["dataset"], r["kind"]) for r in rows} == {
       (d, k) for d in ("mtbench", "sharegpt") for k in ("eagle", "fspad")}
