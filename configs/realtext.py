@@ -12,6 +12,18 @@ trained on the train split; the target is a Llama-3-shaped decoder (GQA, RoPE th
 500000, SiLU MLP ~3.5x wide, untied LM head) pretrained from scratch on the chat-rendered
 train split; then eagle / fspad / fs_only / pad_only drafts with identical data, steps and
 seeds; then decoding at T=0 and T=1 on MT-bench (both turns) and held-out ShareGPT.
+Between pretraining and the drafts, the regen stage answers the first regen.conversations
+train-split conversations again with the target (greedy, regen.max_new_tokens per answer,
+prompts capped at drafts.max_len); drafts train on it with drafts.data="regen" (all kinds)
+or drafts.regen_kinds (some), on the ShareGPT answers otherwise (the default).
+Regen sizes: ci 4 conversations x 8 tokens; demo 300 x 64 (measured on a random-weight
+target of the demo's shape, 300 one-turn conversations, all 64 tokens long: 45 s on the
+shared 2-core machine at load average ~12, engine load 15 s more); mini 400 x 96 (projected
+a few minutes); small 8,000 x 256 at batch 64 in bf16 (PROJECTED ~2-4 minutes of one
+H100: 8,000 conversations x ~2.5 turns / 64 rows = ~310 batches x 256 steps at ~1.5 ms,
+plus prefills and compilation), sized so that 300 draft steps x 32 rows see about one
+epoch of it; raise --config.regen.conversations
+(0 = all ~41k records) when the device time allows.
 
 Sizing. CPU numbers were measured on the shared 2-core dev machine (float32, other jobs
 running beside, so +-30%); the H100 numbers are PROJECTED, not measured.

@@ -466,7 +466,8 @@ def draft_trainer_config(ctx: Context, kind: str):
       "shape": {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0}})
   regen = draft_data_source(ctx.config, kind) == "regen"
   c.data = ml_collections.ConfigDict({
-      "path": ctx.paths.regen_train if regen else ctx.paths.train, "max_len": dr.max_len, "val_fraction": dr.val_fraction,
+      "path": ctx.paths.regen_train if regen else ctx.paths.train, "max_len": dr.max_len,
+      "val_fraction": dr.val_fraction,
       "prepared_dir": ctx.paths.prepared})
   c.train = ml_collections.ConfigDict(train)
   return c
