@@ -254,6 +254,9 @@ def regenerate(config, input_path: str, output_path: str, *, limit: int = 0,
                      + (f"; bad records: {bad})" if bad else ")"))
   if engine is None:
     engine = decode_lib.DecodeEngine(config)
+  if engine.tokenizer is None:
+    raise RegenError(f"the target has no tokenizer to render chats with "
+                     f"({engine.tokenizer_error})")
   run_seed = engine.settings.seed if seed is None else int(seed)
   source = {"path": os.path.abspath(input_path), "bytes": os.path.getsize(input_path),
             "sha256": file_sha256(input_path)}
@@ -374,6 +377,9 @@ def regenerate(config, input_path: str, output_path: str, *, limit: int = 0,
       "decode_time_s": round(stats["decode_time_s"], 3),
       "wall_time_s": round(time.perf_counter() - t_start, 3),
   }
+  if len(stopped_log) > MAX_LOGGED:
+    log(f"{len(stopped_log) - MAX_LOGGED} more conversations stopped early (counted in the "
+        f"summary, the first 100 listed in {output_path}{PROVENANCE_SUFFIX})")
   if stats["finish_cache_full"]:
     log(f"{stats['finish_cache_full']} answers ended early (finish_reason cache_full): "
         f"decode.cache_len={engine.settings.cache_len} leaves no room for the draft tree; "
