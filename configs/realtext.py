@@ -16,7 +16,8 @@ Between pretraining and the drafts, the regen stage answers the first regen.conv
 train-split conversations again with the target (greedy, regen.max_new_tokens per answer,
 prompts capped at drafts.max_len); drafts train on it with drafts.data="regen" (all kinds)
 or drafts.regen_kinds (some), on the ShareGPT answers otherwise (the default).
-Regen sizes: ci 4 conversations x 8 tokens; demo 300 x 64 (measured on a random-weight
+Regen sizes: ci 4 conversations x 8 tokens (sampled at T=1: greedy, its target answers
+only whitespace, and empty answers are not kept); demo 300 x 64 (measured on a random-weight
 target of the demo's shape, 300 one-turn conversations, all 64 tokens long: 45 s on the
 shared 2-core machine at load average ~12, engine load 15 s more); mini 400 x 96 (projected
 a few minutes); small 8,000 x 256 at batch 64 in bf16 (PROJECTED ~2-4 minutes of one
@@ -204,6 +205,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.drafts = _drafts(8, 4, 128, 3e-3, "float32", depths=2, eval_batches=1)
     c.drafts.kinds = ("eagle", "fspad")
     c.regen = _regen(4, 8, 4, max_turns=2)
+    c.regen.temperature = 1.0  # greedy, the 20-step target answers only whitespace
     c.eval = _eval(1, 2, 96, 8, 2, depth=2, top_k=2, total=4)
     c.eval.temperatures = (0.0,)
   else:  # small: one H100
