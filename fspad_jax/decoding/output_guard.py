@@ -137,9 +137,10 @@ def _draft_fingerprint(path: str) -> dict:
 def job_settings(config, settings: DecodeSettings, model_dir: str) -> dict:
   """The settings that decide an output's records, as flat `section.key: value` JSON data."""
   s = settings
-  out = {"decode.method": s.method, "decode.temperature": s.sampling.temperature}
-  if not s.sampling.greedy:
-    out.update({"decode.top_p": s.sampling.top_p, "decode.top_k": s.sampling.top_k})
+  greedy = s.sampling.greedy  # top_p and top_k do not act: stored as their defaults
+  out = {"decode.method": s.method, "decode.temperature": s.sampling.temperature,
+         "decode.top_p": 1.0 if greedy else s.sampling.top_p,
+         "decode.top_k": 0 if greedy else s.sampling.top_k}
   out.update({"decode.max_new_tokens": s.max_new_tokens, "decode.cache_len": s.cache_len,
               "decode.stop_token_ids": list(s.stop_token_ids)})
   if s.speculative:
@@ -159,16 +160,25 @@ def job_settings(config, settings: DecodeSettings, model_dir: str) -> dict:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-  out = []
+  """`key old -> new` for each differing key (`key (a, b changed)` for file lists); keys
+  that only one side has are named together."""
+  out, added, removed = [], [], []
   for key in list(new) + [k for k in old if k not in new]:
-    a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-    if a == b:
-      continue
-    if isinstance(a, dict) and isinstance(b, dict):
-      changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-      out.append(f"{key} ({', '.join(changed)} changed)")
-    else:
-      out.append(f"{key} {json.dumps(a)} -> {json.dumps(b)}")
+    if key not in old:
+      added.append(key)
+    elif key not in new:
+      removed.append(key)
+    elif old[key] != new[key]:
+      a, b = old[key], new[key]
+      if isinstance(a, dict) and isinstance(b, dict):
+        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        out.append(f"{key} ({', '.join(changed)} changed)")
+      else:
+        out.append(f"{key} {json.dumps(a)} -> {json.dumps(b)}")
+  if added:
+    out.append(f"{', '.join(added)} set now")
+  if removed:
+    out.append(f"{', '.join(removed)} no longer set")
   return out
 
 
@@ -200,7 +210,8 @@ def check_settings(output_path: str, current: dict, has_records: bool, *,
     if diff:
       log(f"warning: adding to {output_path}, whose records were decoded with other settings "
           f"(--allow_changed_settings): {'; '.join(diff)}")
-    return [d.split(" ")[0] for d in diff]
+    return [k for k in current if stored.get(k) != current[k]] + [
+        k for k in stored if k not in current]
   if has_records:
     log(f"warning: {output_path} holds records but no {os.path.basename(path)} (written by "
         f"an older decode.py?): its settings cannot be checked; this job's are stored now")
