@@ -15,7 +15,10 @@ ratio of tokens/s over warm calls only (both methods decode each batch
 decode.timing_repeats times, interleaved, and the median counts); greedy runs check that
 the outputs are identical. It ends with a short summary; the full one is
 <output>.summary.json. Exit status 1 with one line on a user error, including a job whose
-every record was skipped. The logic lives in fspad_jax/decode_lib.py (run_decode).
+every record was skipped; Ctrl-C exits 130 with one line (what was written; a rerun
+resumes). One job at a time owns an output (<output>.lock), and a rerun with other settings
+than those in <output>.settings.json is refused unless --allow_changed_settings (README:
+"When things go wrong"). The logic lives in fspad_jax/decode_lib.py (run_decode).
 """
 
 from fspad_jax import cli, console
