@@ -210,8 +210,8 @@ def _check_output(config, engine: DecodeEngine | None, settings: DecodeSettings,
   if scan.duplicates:
     key, lines = next(iter(scan.duplicates.items()))
     log(f"warning: {output_path}: {len(scan.duplicates)} id(s) have more than one record "
-        f"(first: id {key} on lines {', '.join(map(str, lines))}), left by jobs that wrote "
-        f"it at the same time; none is decoded again, and readers see every copy")
+        f"(first: id {key} on lines {', '.join(map(str, lines))}), e.g. by two jobs "
+        f"that wrote it at once; none is decoded again, and readers see every copy")
   model_dir = (engine.model_dir if engine is not None else
                resolve_target_path(config_value(config, "target.path")))
   changed = check_settings(output_path, job_settings(config, settings, model_dir),
