@@ -13,7 +13,7 @@ where jax.distributed discovers them). The logic lives in fspad_jax/trainer.py.
 import json
 import sys
 
-from fspad_jax import console
+from fspad_jax import cli, console
 
 console.quiet_imports()  # before transformers is imported
 
@@ -47,5 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, "train.py", required=("config", "workdir"))

@@ -205,6 +205,17 @@ def _iter_json_list(text: str, path: str):
     pos = _SPACE_RE.match(text, pos + 1).end()
 
 
+def normalize_role(role: str) -> str | None:
+  """A turn's role as "user" / "assistant" / "system" (see Roles above); None when unknown.
+  decode.py applies the same rule to its `messages`."""
+  key = role.strip().lower()
+  for name, names in (("user", USER_ROLES), ("assistant", ASSISTANT_ROLES),
+                      ("system", SYSTEM_ROLES)):
+    if key in names:
+      return name
+  return None
+
+
 def _parse_record(record: Any, line: int, require_assistant: bool = True
                   ) -> Conversation | Rejected:
   """A decoded JSON value -> Conversation, or the reason it is bad."""
@@ -230,15 +241,10 @@ def _parse_record(record: Any, line: int, require_assistant: bool = True
       return Rejected("malformed", f"turn {i} has no 'value' or 'content'")
     if not isinstance(role, str):
       return Rejected("unknown_role", f"turn {i} has no role")
-    role_key = role.strip().lower()
-    if role_key in USER_ROLES:
-      role = "user"
-    elif role_key in ASSISTANT_ROLES:
-      role = "assistant"
-    elif role_key in SYSTEM_ROLES:
-      role = "system"
-    else:
+    known = normalize_role(role)
+    if known is None:
       return Rejected("unknown_role", f"turn {i} has role {role!r}")
+    role = known
     if not isinstance(content, str):
       return Rejected("non_text", f"turn {i} value is a {type(content).__name__}")
     messages.append({"role": role, "content": content})

@@ -43,6 +43,7 @@ speculative answers and decoded by both). Sampled runs report only the speed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -54,15 +55,19 @@ import numpy as np
 from fspad_jax import console
 from fspad_jax.decoding.engine import (METHODS, Completion, DecodeEngine, batch_seed,
                                        bucket_length, default_stop_token_ids)
-from fspad_jax.decoding.records import (Problem, Record, JsonlWriter, id_key, load_records,
-                                        scan_output, too_long_reason)
+from fspad_jax.decoding.output_guard import OutputLock, check_settings, job_settings
+from fspad_jax.decoding.records import (OutputScan, Problem, Record, JsonlWriter,
+                                        check_input_path, check_output_path, id_key,
+                                        load_records, scan_output, too_long_reason)
 from fspad_jax.decoding.settings import (MIN_BUCKET, TIMING_REPEATS, USER_ERRORS, DecodeError,
-                                         DecodeSettings, decode_settings)
+                                         DecodeSettings, check_seed, config_value,
+                                         decode_settings, resolve_target_path)
 from fspad_jax.decoding.timing import BatchTimer, PairedTimer, tokens_per_s
 from fspad_jax.generate import FINISH_REASONS
 
 # The job's public surface; the pieces live in fspad_jax/decoding/.
-__all__ = ["run_decode", "format_summary", "DecodeEngine", "DecodeError", "DecodeSettings",
+__all__ = ["run_decode", "format_summary", "DecodeEngine", "DecodeError", "DecodeInterrupted",
+           "DecodeSettings",
            "Completion", "METHODS", "MIN_BUCKET", "TIMING_REPEATS", "USER_ERRORS",
            "bucket_length", "decode_settings", "default_stop_token_ids"]
 
@@ -149,11 +154,15 @@ def _default_log(msg: str) -> None:
   console.write(msg)
 
 
+class DecodeInterrupted(KeyboardInterrupt):
+  """Ctrl-C during a job; the message says what the output holds (decode.py prints it)."""
+
+
 def run_decode(config, input_path: str, output_path: str, *, strict: bool = False,
                seed: int | None = None, progress: bool = True,
                engine: DecodeEngine | None = None,
                log: Callable[[str], None] | None = None,
-               compare_vanilla: bool = False) -> dict:
+               compare_vanilla: bool = False, allow_changed_settings: bool = False) -> dict:
   """Decodes every input record whose id is not yet in `output_path`; returns the summary
   (also written to `<output>.summary.json`).
 
@@ -162,25 +171,72 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
   DecodeEngine built from this config (then `config` may be None); `seed` overrides
   decode.seed. `compare_vanilla` also decodes each batch with vanilla decoding (see the
   module docstring). Raises DecodeError when no record was decoded because every one was
-  skipped (malformed, or too long for the cache), after writing the summary."""
+  skipped (malformed, or too long for the cache), after writing the summary.
+
+  The job owns the output while it runs (`<output>.lock`; DecodeError when another job
+  holds it), and adds to an output only records decoded with its settings
+  (`<output>.settings.json`, output_guard.job_settings) unless `allow_changed_settings`.
+  Ctrl-C raises DecodeInterrupted (a KeyboardInterrupt) saying what was written; the output
+  then ends with a whole record."""
   t_start = time.perf_counter()
   log = log or _default_log
   settings = engine.settings if engine is not None else decode_settings(config)
-  run_seed = settings.seed if seed is None else int(seed)
-  if not input_path or not os.path.isfile(input_path):
-    raise DecodeError(f"input file {input_path!r} does not exist")
-  if not output_path:
-    raise DecodeError("no output file given")
-  out_dir = os.path.dirname(os.path.abspath(output_path))
-  if not os.path.isdir(out_dir):
-    raise DecodeError(f"output directory {out_dir!r} does not exist")
+  run_seed = settings.seed if seed is None else check_seed(seed)
+  check_input_path(input_path)
+  check_output_path(output_path, input_path)
   import jax
-  is_writer = jax.process_index() == 0
-  done, partial = scan_output(output_path, truncate=is_writer)
-  if partial:
+  is_writer = jax.process_index() == 0  # multi-host: process 0 writes the output
+  with OutputLock(output_path, log) if is_writer else contextlib.nullcontext():
+    scan, changed = _check_output(config if engine is None else engine.config, engine,
+                                  settings, output_path, is_writer, allow_changed_settings,
+                                  log)
+    try:
+      return _decode_job(config, input_path, output_path, settings, run_seed, scan, changed,
+                         is_writer, t_start, strict=strict, progress=progress, engine=engine,
+                         log=log, compare_vanilla=compare_vanilla)
+    except KeyboardInterrupt:
+      raise DecodeInterrupted(_interrupted(output_path, scan.done, is_writer)) from None
+
+
+def _check_output(config, engine: DecodeEngine | None, settings: DecodeSettings,
+                  output_path: str, is_writer: bool, allow_changed: bool,
+                  log: Callable[[str], None]) -> tuple[OutputScan, list[str]]:
+  """Reads what the output holds (dropping a partial last line) and checks that this job
+  may add to it; returns the scan and the settings keys changed on purpose."""
+  scan = scan_output(output_path, truncate=is_writer)
+  if scan.partial:
     log(f"{output_path}: dropped a partial last line (an interrupted write); its record "
         f"is decoded again")
+  if scan.duplicates:
+    key, lines = next(iter(scan.duplicates.items()))
+    log(f"warning: {output_path}: {len(scan.duplicates)} id(s) have more than one record "
+        f"(first: id {key} on lines {', '.join(map(str, lines))}), e.g. by two jobs "
+        f"that wrote it at once; none is decoded again, and readers see every copy")
+  model_dir = (engine.model_dir if engine is not None else
+               resolve_target_path(config_value(config, "target.path")))
+  changed = check_settings(output_path, job_settings(config, settings, model_dir),
+                           has_records=bool(scan.done), allow_changed=allow_changed,
+                           write=is_writer, log=log)
+  return scan, changed
 
+
+def _interrupted(output_path: str, done_before: set[str], is_writer: bool) -> str:
+  """What an interrupted job leaves, in one line."""
+  if not is_writer:
+    return "interrupted (Ctrl-C); process 0 writes the output"
+  total = len(scan_output(output_path, truncate=False).done)
+  return (f"interrupted (Ctrl-C): {total - len(done_before)} record(s) written to "
+          f"{output_path} by this run, {total} in all, each line whole; rerun the same "
+          f"command to decode the rest")
+
+
+def _decode_job(config, input_path: str, output_path: str, settings: DecodeSettings,
+                run_seed: int, scan: OutputScan, changed_settings: list[str],
+                is_writer: bool, t_start: float, *, strict: bool, progress: bool,
+                engine: DecodeEngine | None, log: Callable[[str], None],
+                compare_vanilla: bool) -> dict:
+  """run_decode's job once the output is owned and checked."""
+  done, partial = scan.done, scan.partial
   if engine is None:
     engine = DecodeEngine(config)
   vanilla = engine.vanilla_engine() if compare_vanilla else None
@@ -275,6 +331,8 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
       "problems": [{"line": p.line, "reason": p.reason}
                    for p in problems[:MAX_REPORTED_PROBLEMS]],
       "recovered_partial_line": partial,
+      "duplicate_ids_in_output": len(scan.duplicates),
+      "changed_settings": changed_settings,  # kept on purpose (--allow_changed_settings)
       "new_tokens": stats["new_tokens"],
       "prompt_tokens": stats["prompt_tokens"],
       "finish_reasons": {r: stats[f"finish_{r}"] for r in FINISH_REASONS.values()
@@ -327,7 +385,9 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
 def _nothing_decoded(summary: dict, input_path: str) -> str:
   """Why a job decoded nothing, in one line (the summary file lists every problem)."""
   if not summary["malformed"]:
-    return f"{input_path} holds no record to decode"
+    return (f"{input_path} holds no record to decode"
+            + (f" (only {summary['blank_lines']} blank line(s))" if summary["blank_lines"]
+               else ""))
   first = summary["problems"][0]
   return (f"no record was decoded: all {summary['malformed']} input record(s) were skipped "
           f"(first: {input_path}:{first['line']}: {first['reason']}); details in "
@@ -343,6 +403,7 @@ def format_summary(summary: dict) -> str:
   skipped = [f"{summary['malformed']} malformed or too long"] if summary["malformed"] else []
   if summary["skipped_done"]:
     skipped.append(f"{summary['skipped_done']} already in the output")
+
   lines = [f"decode[{summary['draft']['kind'] if summary['draft'] else summary['method']}]: "
            f"{summary['decoded']} records decoded"
            + (f" ({', '.join(skipped)} skipped)" if skipped else "")
@@ -359,6 +420,9 @@ def format_summary(summary: dict) -> str:
                  f"tokens/s, {cmp['timing']})")
     lines.append(f"greedy outputs equal to vanilla: {cmp['matched']}/{cmp['checked']} records"
                  if cmp["greedy"] else "sampled: outputs not compared with vanilla")
+  if summary.get("duplicate_ids_in_output"):
+    lines.append(f"warning: {summary['duplicate_ids_in_output']} ids have more than one record "
+                 f"in the output")
   lines.append(f"outputs: {summary['output']} (summary: {summary['output']}.summary.json)")
   return "\n".join(lines)
 

@@ -313,8 +313,8 @@ def test_default_stop_ids_read_generation_config(tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("decode.method", "medusa",
      r"decode.method='medusa' is not supported \(supported: eagle, fspad, vanilla\)"),
-    ("decode.top_p", 0.0, "top_p must be in"),
-    ("decode.temperature", -1.0, "temperature must be >= 0"),
+    ("decode.top_p", 0.0, r"decode.top_p=0.0: expected a finite number > 0.0 and <= 1.0"),
+    ("decode.temperature", -1.0, r"decode.temperature=-1.0: expected a finite number >= 0"),
     ("decode.max_new_tokens", 0, "decode.max_new_tokens"),
     ("decode.batch_size", "4", "decode.batch_size"),
     ("decode.min_prompt_bucket", 0, r"decode.min_prompt_bucket=0: expected an integer >= 1"),

@@ -72,13 +72,17 @@ def _build_speculative(engine: "DecodeEngine", graphdef, params):
                       f"directory)")
   cfg, draft_graphdef, draft_params = load_draft_for_decode(
       path, engine.cfg, method, engine.mesh, engine.rules)
+  draft_vocab = cfg.hot_vocab_size or engine.cfg.vocab_size
+  if engine.settings.tree_top_k > draft_vocab:
+    raise DecodeError(f"config key decode.tree_top_k={engine.settings.tree_top_k} exceeds the "
+                      f"draft's vocabulary (size {draft_vocab}, {path})")
   hot_ids = load_draft_hot_ids(path, cfg, engine.cfg)
   weight_dtype = check_weight_dtype(config_value(engine.config, "draft.weight_dtype", ""))
   if weight_dtype == "int8":
     draft_graphdef, draft_params = quantize_draft(draft_graphdef, draft_params, engine.mesh)
   engine.draft_info = {"path": os.path.abspath(path), "kind": cfg.kind, "dtype": cfg.dtype,
                        "weight_dtype": weight_dtype or cfg.dtype,
-                       "vocab_size": cfg.hot_vocab_size or engine.cfg.vocab_size}
+                       "vocab_size": draft_vocab}
   generator = SpeculativeGenerator(graphdef, params, draft_graphdef, draft_params,
                                    engine.mesh, engine.rules, hot_ids=hot_ids,
                                    weight_dtype=weight_dtype)
@@ -133,7 +137,11 @@ def default_stop_token_ids(model_dir: str, eos_ids: Sequence[int], tokenizer) ->
         eos = json.load(f).get("eos_token_id")
     except (json.JSONDecodeError, AttributeError) as e:
       raise DecodeError(f"{path}: not a JSON object ({e})") from None
-    ids.update(int(i) for i in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    for i in (eos if isinstance(eos, list) else [] if eos is None else [eos]):
+      if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+        raise DecodeError(f"{path}: eos_token_id {eos!r}: expected a token id (an integer "
+                          f">= 0) or a list of them")
+      ids.add(i)
   if tokenizer is not None and tokenizer.eos_token_id is not None:
     ids.add(int(tokenizer.eos_token_id))
   return ids
@@ -172,6 +180,9 @@ class DecodeEngine:
     if bad:
       raise DecodeError(f"config key decode.stop_token_ids: {bad} out of the target's "
                         f"vocabulary (size {vocab})")
+    if self.settings.speculative and self.settings.tree_top_k > vocab:
+      raise DecodeError(f"config key decode.tree_top_k={self.settings.tree_top_k} exceeds the "
+                        f"target's vocabulary (size {vocab})")
     stops = default_stop_token_ids(self.model_dir, self.cfg.eos_token_ids, self.tokenizer)
     self.stop_token_ids = tuple(sorted(stops | set(self.settings.stop_token_ids)))
     self.draft_info: dict | None = None  # speculative: {path, kind, dtype} of the draft

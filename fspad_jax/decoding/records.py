@@ -1,13 +1,18 @@
 """Job input and output files: JSONL input records (parse_record, load_records) and the
-append-only, fsync'ed output (scan_output, JsonlWriter)."""
+append-only, fsync'ed output (scan_output, JsonlWriter); check_input_path and
+check_output_path refuse paths that cannot be one (a directory, a missing file).
+
+Every piece of text a record gives (prompt, messages contents, turns) must be valid UTF-8
+and not blank; `messages` roles follow train.py's rule (fspad_jax.data.normalize_role)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
+from fspad_jax.data import ASSISTANT_ROLES, SYSTEM_ROLES, USER_ROLES, normalize_role
 from fspad_jax.decoding.engine import DecodeEngine
 from fspad_jax.decoding.settings import DecodeError
 
@@ -50,8 +55,37 @@ def _check_id(obj) -> Any:
   return rid
 
 
-def _is_str_list(x) -> bool:
-  return isinstance(x, list) and len(x) > 0 and all(isinstance(s, str) for s in x)
+KNOWN_ROLES = ", ".join(sorted(USER_ROLES | ASSISTANT_ROLES | SYSTEM_ROLES))
+
+
+def _check_text(value: str, what: str) -> str:
+  """A non-blank string that is valid Unicode (JSON escapes can give lone surrogates)."""
+  if not value.strip():
+    raise ValueError(f"empty {what} (blank or whitespace only)")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    raise ValueError(f"{what} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                     f"which is not text") from None
+  return value
+
+
+def _chat(value) -> list[dict]:
+  """`messages` -> [{role, content}] with roles normalized as train.py does."""
+  if not isinstance(value, list) or not value:
+    raise ValueError("'messages' must be a non-empty list of {role, content}")
+  chat = []
+  for i, m in enumerate(value):
+    if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+        or not isinstance(m.get("content"), str)):
+      raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+    role = normalize_role(m["role"])
+    if role is None:
+      raise ValueError(f"messages[{i}] has role {m['role']!r}, which train.py rejects too "
+                       f"(known: {KNOWN_ROLES})")
+    chat.append({"role": role, "content": _check_text(m["content"],
+                                                      f"messages[{i}] content")})
+  return chat
 
 
 def parse_record(text: str, line: int, engine: DecodeEngine) -> Record:
@@ -63,6 +97,8 @@ def parse_record(text: str, line: int, engine: DecodeEngine) -> Record:
   if not isinstance(obj, dict):
     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
   rid = _check_id(obj)
+  if isinstance(rid, str):
+    _check_text(rid, "'id'")
   kinds = [k for k in PROMPT_KEYS if k in obj]
   if len(kinds) != 1:
     raise ValueError(f"needs exactly one of {', '.join(PROMPT_KEYS)}; got "
@@ -72,23 +108,13 @@ def parse_record(text: str, line: int, engine: DecodeEngine) -> Record:
   if kind == "prompt":
     if not isinstance(value, str):
       raise ValueError(f"'prompt' must be a string, got {type(value).__name__}")
-    if not value:
-      raise ValueError("empty prompt")
-    ids = engine.encode_text(value)
+    ids = engine.encode_text(_check_text(value, "prompt"))
   elif kind == "messages":
-    if not isinstance(value, list) or not value:
-      raise ValueError("'messages' must be a non-empty list of {role, content}")
-    for i, m in enumerate(value):
-      if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
-          or not isinstance(m.get("content"), str)):
-        raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
-    ids = engine.encode_chat(value)
+    ids = engine.encode_chat(_chat(value))
   elif kind == "turns":
-    if not _is_str_list(value):
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
       raise ValueError("'turns' must be a non-empty list of strings")
-    if not all(value):
-      raise ValueError("'turns' holds an empty string")
-    turns = list(value)
+    turns = [_check_text(t, f"turns[{i}]") for i, t in enumerate(value)]
     ids = engine.encode_chat([{"role": "user", "content": turns[0]}])
   else:
     if (not isinstance(value, list)
@@ -116,14 +142,60 @@ def too_long_reason(n: int, engine: DecodeEngine) -> str:
           f"({room} minus decode.max_new_tokens={s.max_new_tokens}{tree})")
 
 
+def check_input_path(path: str | None) -> None:
+  """Refuses an input path that is not a readable, non-empty file, naming it."""
+  if not path:
+    raise DecodeError("no input file given (--input)")
+  if os.path.isdir(path):
+    raise DecodeError(f"input path {path!r} is a directory, not a JSONL file")
+  if not os.path.exists(path):
+    raise DecodeError(f"input file {path!r} does not exist")
+  if not os.access(path, os.R_OK):
+    raise DecodeError(f"input file {path!r} is not readable (permission denied)")
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise DecodeError(f"input file {path!r} is empty: no record to decode")
+
+
+def check_output_path(path: str | None, input_path: str | None = None) -> None:
+  """Refuses an output path that cannot be an appendable JSONL file, naming it."""
+  if not path:
+    raise DecodeError("no output file given (--output)")
+  if os.path.isdir(path):
+    raise DecodeError(f"output path {path!r} is a directory; give a file path, e.g. "
+                      f"{os.path.join(path, 'out.jsonl')!r}")
+  if os.path.exists(path) and not os.path.isfile(path):
+    raise DecodeError(f"output path {path!r} is not a regular file")
+  out_dir = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(out_dir):
+    raise DecodeError(f"output directory {out_dir!r} does not exist")
+  if input_path and os.path.exists(path) and os.path.samefile(path, input_path):
+    raise DecodeError(f"output path {path!r} is the input file")
+
+
+def _utf8_problem(raw: bytes, error: UnicodeDecodeError) -> str:
+  return (f"invalid UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the "
+          f"line); fix the file's encoding")
+
+
 def load_records(path: str, engine: DecodeEngine
                  ) -> tuple[list[Record], list[Problem], int]:
   """Parses a JSONL input file. Returns (records, problems, blank lines); a duplicate id is
-  a problem on its later line."""
+  a problem on its later line, and so is a line that is not valid UTF-8 (never altered)."""
   records, problems, blank = [], [], 0
   first_line: dict[str, int] = {}
-  with open(path, encoding="utf-8-sig", errors="replace") as f:
-    for line, text in enumerate(f, 1):
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise DecodeError(f"input file {path!r}: cannot open it ({e.strerror})") from None
+  with f:
+    for line, raw in enumerate(f, 1):
+      if line == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+        raw = raw[3:]
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        problems.append(Problem(line, _utf8_problem(raw, e)))
+        continue
       if not text.strip():
         blank += 1
         continue
@@ -142,39 +214,66 @@ def load_records(path: str, engine: DecodeEngine
   return records, problems, blank
 
 
-def scan_output(path: str, truncate: bool = True) -> tuple[set[str], bool]:
-  """Ids (as id_key) already in an output file, and whether a partial last line (left by a
-  killed job) was found; with truncate, that line is cut off so appends stay well-formed."""
+class OutputScan(NamedTuple):
+  """What an existing output file holds."""
+
+  done: set[str]  # ids (id_key) with a record
+  partial: bool  # a partial last line (a killed write) was found
+  duplicates: dict[str, list[int]]  # id_key -> its line numbers, for ids on several lines
+
+
+def scan_output(path: str, truncate: bool = True) -> OutputScan:
+  """Ids already in an output file, whether a partial last line (left by a killed job) was
+  found, and ids written more than once; with truncate, the partial line is cut off so that
+  appends stay well formed."""
   if not os.path.exists(path):
-    return set(), False
+    return OutputScan(set(), False, {})
   with open(path, "rb") as f:
     data = f.read()
   end = data.rfind(b"\n") + 1  # bytes up to the last complete line
-  done = set()
+  lines: dict[str, list[int]] = {}
   for i, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
     if not raw.strip():
       continue
     try:
-      done.add(id_key(json.loads(raw)["id"]))
+      key = id_key(json.loads(raw)["id"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
       raise DecodeError(f"{path}:{i}: corrupt output line (not a JSON record with an 'id'); "
                         f"fix or remove it before resuming") from None
+    lines.setdefault(key, []).append(i)
   partial = end < len(data)
   if partial and truncate:
     os.truncate(path, end)
-  return done, partial
+  return OutputScan(set(lines), partial, {k: v for k, v in lines.items() if len(v) > 1})
 
 
 class JsonlWriter:
-  """Appends one whole JSON line per record, flushed and fsync'ed."""
+  """Appends one whole JSON line per record, fsync'ed. A write that fails or is interrupted
+  (Ctrl-C, a full disk) is cut back off, so the file always ends with a whole line."""
 
   def __init__(self, path: str):
-    self.f = open(path, "a", encoding="utf-8")
+    self.path = path
+    try:
+      self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise DecodeError(f"output file {path!r}: cannot open it for writing "
+                        f"({e.strerror})") from None
 
   def write(self, obj: dict) -> None:
-    self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    self.f.flush()
-    os.fsync(self.f.fileno())
+    data = memoryview((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+    start = os.lseek(self.fd, 0, os.SEEK_END)
+    try:
+      while data:
+        data = data[os.write(self.fd, data):]
+      os.fsync(self.fd)
+    except BaseException as e:
+      os.ftruncate(self.fd, start)
+      if isinstance(e, OSError):
+        raise DecodeError(f"output file {self.path!r}: cannot write ({e.strerror}); it holds "
+                          f"every record written before, and a rerun resumes") from None
+      raise
 
   def close(self) -> None:
-    self.f.close()
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None

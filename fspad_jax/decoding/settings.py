@@ -4,6 +4,7 @@ user mistake (one line naming the culprit)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -97,11 +98,27 @@ def config_int(config, key: str, minimum: int, default=REQUIRED) -> int:
   return int(value)
 
 
-def config_float(config, key: str, default=REQUIRED) -> float:
+def config_float(config, key: str, default=REQUIRED, minimum: float | None = None,
+                 maximum: float | None = None, exclusive_minimum: bool = False) -> float:
+  """A finite number in [minimum, maximum] ((minimum, maximum] with exclusive_minimum)."""
   value = config_value(config, key, default)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise DecodeError(f"config key {key}={value!r}: expected a number")
+  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+      or not math.isfinite(value)
+      or (minimum is not None and (value <= minimum if exclusive_minimum else value < minimum))
+      or (maximum is not None and value > maximum)):
+    low = "" if minimum is None else f"{'>' if exclusive_minimum else '>='} {minimum}"
+    high = "" if maximum is None else f"<= {maximum}"
+    bounds = " and ".join(b for b in (low, high) if b)
+    raise DecodeError(f"config key {key}={value!r}: expected a finite number"
+                      + (f" {bounds}" if bounds else ""))
   return float(value)
+
+
+def check_seed(seed, source: str = "--seed") -> int:
+  """A sampling seed: an integer >= 0 (a job's --seed, or decode.seed)."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise DecodeError(f"{source}={seed!r}: expected an integer >= 0")
+  return int(seed)
 
 
 def decode_settings(config) -> DecodeSettings:
@@ -119,8 +136,9 @@ def decode_settings(config) -> DecodeSettings:
     raise DecodeError(f"config key decode.total_tokens={total} exceeds the "
                       f"{num_buffer_nodes(tree_k, depth)} nodes that decode.tree_depth={depth} "
                       f"and decode.tree_top_k={tree_k} draft")
-  temperature = config_float(config, "decode.temperature")
-  top_p = config_float(config, "decode.top_p", 1.0)
+  temperature = config_float(config, "decode.temperature", minimum=0.0)
+  top_p = config_float(config, "decode.top_p", 1.0, minimum=0.0, maximum=1.0,
+                       exclusive_minimum=True)
   top_k = config_int(config, "decode.top_k", 0, 0)
   try:
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
