@@ -209,7 +209,7 @@ def _write_json(path: str, obj) -> None:
 def _read_turn_file(path: str, log: Callable[[str], None]) -> dict[str, dict]:
   """id -> decoded record of one round's output (a partial last line is dropped)."""
   from fspad_jax.decoding.records import scan_output
-  _, partial = scan_output(path, truncate=True)
+  partial = scan_output(path, truncate=True).partial
   if partial:
     log(f"{path}: dropped a partial last line (an interrupted write); it is decoded again")
   if not os.path.exists(path):
