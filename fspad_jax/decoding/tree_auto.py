@@ -43,10 +43,11 @@ from fspad_jax.tree import num_buffer_nodes
 DEPTHS = (1, 2, 3, 4, 5, 6)
 TOP_KS = (2, 4, 8, 10)
 NODES = (4, 8, 16, 32, 64)  # verified draft nodes (candidates)
-TIMED_TOKENS = (1, 5, 17, 65)  # verify forwards timed (1: a vanilla step); linear between
+TIMED_TOKENS = (1, 17, 65)  # verify forwards timed (1: a vanilla step); linear between
 TIMED_TOP_KS = (2, 10)  # draft passes timed; linear between
 MIN_GAIN = 1.05  # a tree must be expected to beat vanilla's tokens/s by 5%
-TIMED_CALLS = 3  # warm calls per timed function (the median is kept)
+TIMED_CALLS = 3  # timed runs per function (the fastest is kept)
+LOOP_CALLS = 8  # calls chained on device per run
 REFERENCE_TREE = (4, 4, 16)  # (depth, top_k, nodes) of the full step that gives t_overhead
 COSTS_FILE_ENV = "FSPAD_TREE_COSTS"  # overrides the timing cache file
 PIN_NAMES = ("depth", "top_k", "nodes")
@@ -244,26 +245,31 @@ def costs_key(fields: dict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _median_time(fn, carry, calls: int = TIMED_CALLS):
-  """(median seconds of `calls` warm calls of carry = fn(carry), final carry); the first call
-  compiles and is not timed."""
+def _device_time(body, params, carry, loop: int = LOOP_CALLS, rounds: int = TIMED_CALLS):
+  """(seconds per call of carry = body(params, carry), final carry): `loop` calls chained
+  inside one jitted on-device loop (no per-call dispatch, as in the decode loop; params
+  are arguments, never baked-in constants), the fastest of `rounds` timed runs after one
+  compiling run."""
   import jax
-  carry = jax.block_until_ready(fn(carry))
-  times = []
-  for _ in range(calls):
+  run = jax.jit(lambda p, c: jax.lax.fori_loop(0, loop, lambda i, c: body(p, c), c),
+                donate_argnums=1)
+  carry = jax.block_until_ready(run(params, carry))
+  best = float("inf")
+  for _ in range(rounds):
     t0 = time.perf_counter()
-    carry = jax.block_until_ready(fn(carry))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), carry
+    carry = jax.block_until_ready(run(params, carry))
+    best = min(best, time.perf_counter() - t0)
+  return best / loop, carry
 
 
 def measure_costs(generator, batch: int, prefix: int, cache_len: int,
                   top_ks=TIMED_TOP_KS, tokens=TIMED_TOKENS, reference=REFERENCE_TREE) -> Costs:
-  """Times (TIMED_CALLS warm calls each, after one compiling call), at [batch] rows with
+  """Times (on-device loops, _device_time), at [batch] rows with
   `prefix` committed tokens in a `cache_len`-slot cache: the target forward over each of
   `tokens` tokens (1 = a vanilla step), one draft pass (layer, LM head, top-k) over each of
   `top_ks` frontier nodes, and one full speculative step of the `reference` tree (for the
-  overhead): 7 compilations with the defaults, about 10-40 s on a CPU at tiny shapes.
+  overhead): 6 compilations with the defaults (a minute or two on a loaded 2-core CPU at
+  tiny shapes, the full step's the longest; cached afterwards).
   generator: a fspad_jax.speculative.SpeculativeGenerator."""
   import jax
   import jax.numpy as jnp
@@ -278,21 +284,21 @@ def measure_costs(generator, batch: int, prefix: int, cache_len: int,
   lengths = np.full((batch,), prefix, np.int32)  # a constant (donated buffers never alias it)
 
   def make_verify(n):
-    def f(carry):
+    def f(params, carry):
       cache, tok = carry
-      target = nnx.merge(tg, tp)
+      target = nnx.merge(tg, params[0])
       positions = lengths[:, None] + jnp.arange(n)[None]  # [batch, n]
       mask = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (batch, n, n))
       logits, _, cache = target(tok, positions, cache, block_mask=mask)
       tok = jnp.argmax(logits, -1).astype(jnp.int32)  # [batch, n]
       return cache, tok
-    return jax.jit(f, donate_argnums=0)
+    return f
 
   cfg = nnx.merge(tg, tp).cfg
   cache = KVCache.create(cfg, batch, cache_len).replace(lengths=jnp.asarray(lengths))
   verify = {}
   for n in sorted({1, *tokens}):  # [1, ...]
-    t, (cache, _) = _median_time(make_verify(n), (cache, jnp.zeros((batch, n), jnp.int32)))
+    t, (cache, _) = _device_time(make_verify(n), (tp, dp), (cache, jnp.zeros((batch, n), jnp.int32)))
     verify[n] = t
 
   dcfg = nnx.merge(dg, dp).cfg
@@ -300,20 +306,20 @@ def measure_costs(generator, batch: int, prefix: int, cache_len: int,
       lengths=jnp.asarray(lengths))
   draft_pass = {}
   for k in sorted(set(top_ks)):
-    def f(carry, k=k):
+    def f(params, carry, k=k):
       dcache, feats, tok = carry
-      draft, target = nnx.merge(dg, dp), nnx.merge(tg, tp)
+      target, draft = nnx.merge(tg, params[0]), nnx.merge(dg, params[1])
       positions = jnp.broadcast_to(lengths[:, None], (batch, k))
       out = draft(feats, target.embed(tok), positions, dcache,
                   block_mask=jnp.broadcast_to(jnp.eye(k, dtype=bool), (batch, k, k)))
-      child, logp = spec.draft_candidates(target, out.predict, k, vocab)  # [batch, K, K]
+      child, logp = spec.draft_candidates(target, out.predict, k, params[2])  # [batch, K, K]
       best = jnp.argmax(logp.reshape(batch, -1), -1)  # stands in for the frontier top-k
       tok = jnp.take_along_axis(child.reshape(batch, -1), best[:, None], 1).repeat(k, 1)
       feats = out.regress.astype(feats.dtype)
       return out.cache.replace(lengths=lengths), feats, tok
     feats = jnp.zeros((batch, k, dcfg.hidden_size), dcfg.dtype)
-    t, (draft_cache, _, _) = _median_time(jax.jit(f, donate_argnums=0),
-                                          (draft_cache, feats, jnp.zeros((batch, k), jnp.int32)))
+    t, (draft_cache, _, _) = _device_time(f, (tp, dp, vocab), (draft_cache, feats,
+                                              jnp.zeros((batch, k), jnp.int32)))
     draft_pass[k] = t
   del cache, draft_cache
 
@@ -330,8 +336,9 @@ def measure_costs(generator, batch: int, prefix: int, cache_len: int,
                                   else jnp.zeros(x.shape, x.dtype)), shapes)
   state = state._replace(target_cache=state.target_cache.replace(lengths=jnp.asarray(lengths)),
                          draft_cache=state.draft_cache.replace(lengths=jnp.asarray(lengths)))
-  step_fn = spec.make_step_fn(tg, dg, options)
-  t_step, _ = _median_time(lambda st: step_fn(tp, dp, st, vocab), state)
+  t_step, _ = _device_time(lambda params, st: spec.speculative_step(
+      nnx.merge(dg, params[1]), nnx.merge(tg, params[0]), st, options, params[2]),
+      (tp, dp, vocab), state)
   partial = Costs(draft_pass, verify, 0.0)
   return Costs(draft_pass, verify, max(t_step - step_seconds(partial, d, k, n), 0.0))
 
@@ -421,7 +428,7 @@ def choose_for_engine(engine, generator, log=None) -> tuple[object, dict]:
             "draft_info": {k: v for k, v in (engine.draft_info or {}).items() if k != "path"},
             "batch": s.batch_size, "prefix": prefix, "cache_len": cache_len,
             "top_ks": top_ks, "tokens": tokens, "reference": REFERENCE_TREE,
-            "calls": TIMED_CALLS, "jax": jax.__version__}
+            "calls": (TIMED_CALLS, LOOP_CALLS), "jax": jax.__version__}
   costs, info = load_or_measure_costs(
       fields, lambda: measure_costs(generator, s.batch_size, prefix, cache_len, top_ks, tokens),
       log)
