@@ -3,7 +3,6 @@ against a decode of a tiny draft, the choice from injected cost tables, pins, th
 cache and its keys, and greedy equality with vanilla through run_decode."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -92,7 +91,8 @@ def test_pins_restrict_the_search_and_parse(tmp_path):
     config.decode.tree = value
     s = decode_lib.decode_settings(config)
     assert (s.tree, s.tree_pins) == want
-  for bad in ["Auto", "auto:depth", "auto:width=3", "auto:depth=0", "auto:depth=2,depth=3", "auto:depth=x"]:
+  for bad in ["Auto", "auto:depth", "auto:width=3", "auto:depth=0", "auto:depth=2,depth=3",
+              "auto:depth=x"]:
     config.decode.tree = bad
     with pytest.raises(DecodeError, match=r"^config key decode.tree="):
       decode_lib.decode_settings(config)

@@ -264,8 +264,8 @@ def _device_time(body, params, carry, loop: int = LOOP_CALLS, rounds: int = TIME
 
 def measure_costs(generator, batch: int, prefix: int, cache_len: int,
                   top_ks=TIMED_TOP_KS, tokens=TIMED_TOKENS, reference=REFERENCE_TREE) -> Costs:
-  """Times (on-device loops, _device_time), at [batch] rows with
-  `prefix` committed tokens in a `cache_len`-slot cache: the target forward over each of
+  """Times (on-device loops, _device_time), at [batch] rows with `prefix` committed tokens
+  in a `cache_len`-slot cache: the target forward over each of
   `tokens` tokens (1 = a vanilla step), one draft pass (layer, LM head, top-k) over each of
   `top_ks` frontier nodes, and one full speculative step of the `reference` tree (for the
   overhead): 6 compilations with the defaults (a minute or two on a loaded 2-core CPU at
@@ -298,7 +298,8 @@ def measure_costs(generator, batch: int, prefix: int, cache_len: int,
   cache = KVCache.create(cfg, batch, cache_len).replace(lengths=jnp.asarray(lengths))
   verify = {}
   for n in sorted({1, *tokens}):  # [1, ...]
-    t, (cache, _) = _device_time(make_verify(n), (tp, dp), (cache, jnp.zeros((batch, n), jnp.int32)))
+    tokens_in = jnp.zeros((batch, n), jnp.int32)  # [batch, n]
+    t, (cache, _) = _device_time(make_verify(n), (tp, dp), (cache, tokens_in))
     verify[n] = t
 
   dcfg = nnx.merge(dg, dp).cfg
@@ -332,8 +333,9 @@ def measure_costs(generator, batch: int, prefix: int, cache_len: int,
   shapes = jax.eval_shape(lambda tp, dp: spec.init_state(
       nnx.merge(dg, dp), nnx.merge(tg, tp), jnp.zeros((batch, prefix), jnp.int32),
       jnp.asarray(lengths), jax.random.key(0), options, vocab), tp, dp)
-  state = jax.tree.map(lambda x: (jax.random.key(0) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-                                  else jnp.zeros(x.shape, x.dtype)), shapes)
+  is_key = lambda x: jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+  state = jax.tree.map(lambda x: jax.random.key(0) if is_key(x) else jnp.zeros(x.shape, x.dtype),
+                       shapes)
   state = state._replace(target_cache=state.target_cache.replace(lengths=jnp.asarray(lengths)),
                          draft_cache=state.draft_cache.replace(lengths=jnp.asarray(lengths)))
   t_step, _ = _device_time(lambda params, st: spec.speculative_step(
