@@ -9,6 +9,10 @@
 #       per-layer cache slice?), kernels per step (profile_spec), the step against vanilla's
 #       loop (spec_bench), vanilla against the bandwidth bound (decode_bench); no pipeline,
 #       no carried data needed
+#   bash benchmarks/gpu_session.sh SECONDS tree_auto   # issue 12's decode.tree=auto choice
+#       at batch 8 and 32 (tree_auto_bench: the start-up timings at Llama-3-8B shapes with
+#       random bf16 weights, the chosen tree and its expected speedup against the fixed
+#       6/10/60 tree, from a stated agreement profile); no pipeline, no carried data needed
 #
 # Expects, prepared on a machine with package registries (the GPU image lacks them):
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
@@ -46,7 +50,7 @@ EOF
 } 2>&1 | tee -a "$OUT/env.txt"
 
 # --- issue 5: the `small` preset (resumable)
-if [ "$mode" != step ]; then
+if [ "$mode" = all ]; then
 [ -f runs/small/tokenizer/.done ] || tar -xJf .carry/small_dt.tar.xz || exit 1
 minutes=$(python3 -c "print(round(($(left) - 25) / 60, 2))")
 (
@@ -69,12 +73,14 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 benches=("decode_bench.py --shape=llama3_8b --batch 1 8"
          "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8"
          "train_bench.py --shape=llama3_8b"
-         "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1")
+         "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"
+         "tree_auto_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 8 32")
 [ "$mode" = step ] && benches=("step_ops.py --draft_vocab 32768 --draft_weight int8"
                                "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8 --draft_vocab 32768"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768 --draft_weight int8"
                                "decode_bench.py --shape=llama3_8b --batch 1 8")
+[ "$mode" = tree_auto ] && benches=("tree_auto_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 8 32")
 for bench in "${benches[@]}"; do
   done_file="runs/bench_done.$(printf %s "$bench" | tr -c "A-Za-z0-9" _)"
   [ -f "$done_file" ] && continue  # finished in an earlier call

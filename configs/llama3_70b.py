@@ -58,6 +58,7 @@ def decode_config() -> ml_collections.ConfigDict:
   c.tree_depth = 6  # EAGLE-2 dynamic tree (eagle/fspad)
   c.tree_top_k = 10
   c.total_tokens = 60
+  c.tree = ""  # "auto": depth/top-k/nodes (or vanilla) sized from measured costs
   return c
 
 

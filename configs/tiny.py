@@ -48,6 +48,7 @@ def decode_config() -> ml_collections.ConfigDict:
   c.tree_depth = 5
   c.tree_top_k = 4
   c.total_tokens = 16
+  c.tree = ""  # "auto": depth/top-k/nodes (or vanilla) sized from measured costs
   return c
 
 

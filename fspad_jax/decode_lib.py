@@ -63,6 +63,7 @@ from fspad_jax.decoding.settings import (MIN_BUCKET, TIMING_REPEATS, USER_ERRORS
                                          DecodeSettings, check_seed, config_value,
                                          decode_settings, resolve_target_path)
 from fspad_jax.decoding.timing import BatchTimer, PairedTimer, tokens_per_s
+from fspad_jax.decoding.tree_auto import format_choice as format_tree_choice
 from fspad_jax.generate import FINISH_REASONS
 
 # The job's public surface; the pieces live in fspad_jax/decoding/.
@@ -239,6 +240,10 @@ def _decode_job(config, input_path: str, output_path: str, settings: DecodeSetti
   done, partial = scan.done, scan.partial
   if engine is None:
     engine = DecodeEngine(config)
+  tree_auto = engine.tree_auto
+  if tree_auto is not None and tree_auto["choice"] == "vanilla":
+    engine = engine.vanilla_engine()  # decode.tree=auto: no tree is expected to pay
+  settings = engine.settings  # decode.tree=auto: the chosen tree
   vanilla = engine.vanilla_engine() if compare_vanilla else None
   greedy_check = vanilla is not None and settings.sampling.temperature == 0
   t_loaded = time.perf_counter()
@@ -355,6 +360,9 @@ def _decode_job(config, input_path: str, output_path: str, settings: DecodeSetti
       "acceptance_by_depth": ([round(float(x) / steps, 4) for x in depth_hits[1:]]
                               if settings.speculative and steps else None),
       "tree": settings.tree_dict(),
+      "tree_auto": tree_auto and {**tree_auto, "decoded_with": settings.method,
+                                  "measured_tau": _mean_accept(stats["committed"], steps)
+                                  if settings.speculative else None},
       "draft": engine.draft_info,
       "load_time_s": round(t_loaded - t_start, 4),
       "wall_time_s": round(wall, 4),
@@ -413,6 +421,8 @@ def format_summary(summary: dict) -> str:
   if summary["acceptance_by_depth"] is not None:
     lines.append(f"tau {_num(summary['tau'], '.2f')} tokens per target forward; acceptance "
                  "by depth " + " ".join(f"{a:.2f}" for a in summary["acceptance_by_depth"]))
+  if summary.get("tree_auto"):
+    lines.append(format_tree_choice(summary["tree_auto"], summary["tree_auto"]["measured_tau"]))
   cmp = summary.get("compare_vanilla")
   if cmp:
     lines.append(f"vs vanilla: speedup {_num(cmp['speedup'], '.2f')}x "

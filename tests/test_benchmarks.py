@@ -27,6 +27,9 @@ CASES = {
          "--vanilla_tokens", "4"],
         ["vanilla_step_ms", "tree_draft_ms", "verify_ms", "full_step_ms", "loop_ms_per_step",
          "device_vanilla_step_ms", "device_tree_draft_ms", "device_verify_ms"], 1),
+    "tree_auto_bench.py": (
+        ["--shape=tiny", "--batch", "1", "--prefix", "32", "--max_new_tokens", "16"],
+        ["timing_s", "vanilla_step_ms", "fixed_6_10_60_expected_tau"], 1),
     "train_bench.py": (
         ["--shape=tiny", "--iters", "2"],
         ["step_ms", "target_tokens_per_s", "target_forward_ms", "achieved_tflops", "mfu",

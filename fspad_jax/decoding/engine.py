@@ -86,6 +86,10 @@ def _build_speculative(engine: "DecodeEngine", graphdef, params):
   generator = SpeculativeGenerator(graphdef, params, draft_graphdef, draft_params,
                                    engine.mesh, engine.rules, hot_ids=hot_ids,
                                    weight_dtype=weight_dtype)
+  if engine.settings.tree == "auto":  # size the tree from measured costs (tree_auto)
+    from fspad_jax import console
+    from fspad_jax.decoding.tree_auto import choose_for_engine
+    engine.settings, engine.tree_auto = choose_for_engine(engine, generator, console.write)
   return _Speculative(generator, engine.settings)
 
 
@@ -186,10 +190,19 @@ class DecodeEngine:
     stops = default_stop_token_ids(self.model_dir, self.cfg.eos_token_ids, self.tokenizer)
     self.stop_token_ids = tuple(sorted(stops | set(self.settings.stop_token_ids)))
     self.draft_info: dict | None = None  # speculative: {path, kind, dtype} of the draft
+    self.tree_auto: dict | None = None  # decode.tree=auto: the choice (tree_auto.choose_for_engine)
     self._vanilla: DecodeEngine | None = None
     self._init_method()
 
   def _init_method(self):
+    self._set_prompt_limit()
+    self._generate = METHODS[self.settings.method](self, self.graphdef, self.params)
+    if self.tree_auto is not None:
+      self._set_prompt_limit()  # the chosen tree's reserve
+    self.compiled_shapes: set[tuple[int, int]] = set()  # (padded prompt len, cache len)
+    self.last_call_compiled = False  # whether the last batch paid for a compilation
+
+  def _set_prompt_limit(self):
     s = self.settings
     limit = s.cache_len or self.cfg.max_position_embeddings
     # Longest prompt that fits; a derived cache also leaves room for a draft tree.
@@ -201,9 +214,6 @@ class DecodeEngine:
              f"within the target's max_position_embeddings={limit}"
              + (f" (with {s.tree_reserve} slots for the draft tree)" if s.tree_reserve
                 else "")))
-    self._generate = METHODS[s.method](self, self.graphdef, self.params)
-    self.compiled_shapes: set[tuple[int, int]] = set()  # (padded prompt len, cache len)
-    self.last_call_compiled = False  # whether the last batch paid for a compilation
 
   def vanilla_engine(self) -> "DecodeEngine":
     """An engine for vanilla decoding sharing this one's target, tokenizer and settings
@@ -213,7 +223,7 @@ class DecodeEngine:
     if self._vanilla is None:
       twin = copy.copy(self)
       twin.settings = dataclasses.replace(self.settings, method="vanilla")
-      twin.draft_info, twin._vanilla = None, None
+      twin.draft_info, twin._vanilla, twin.tree_auto = None, None, None
       twin._init_method()
       self._vanilla = twin
     return self._vanilla

@@ -48,6 +48,8 @@ class DecodeSettings:
   min_prompt_bucket: int = MIN_BUCKET  # smallest padded prompt length (one compile per
   #                                      bucket: raise it to serve every prompt with one shape)
   timing_repeats: int = TIMING_REPEATS  # --compare_vanilla: warm timed calls per batch each
+  tree: str = ""  # "" : the tree above; "auto": sized from measured costs (tree_auto)
+  tree_pins: tuple[tuple[str, int], ...] = ()  # auto: (name, value) held fixed in the search
 
   @property
   def speculative(self) -> bool:
@@ -124,7 +126,7 @@ def check_seed(seed, source: str = "--seed") -> int:
 def decode_settings(config) -> DecodeSettings:
   """Validates config.decode; errors name the key. Optional keys: top_p (1.0), top_k (0),
   cache_len (0), stop_token_ids (()), seed (0), tree_depth (6), tree_top_k (10),
-  total_tokens (60), min_prompt_bucket (64), timing_repeats (3)."""
+  total_tokens (60), min_prompt_bucket (64), timing_repeats (3), tree ('': fixed; 'auto')."""
   method = config_value(config, "decode.method")
   if method not in METHOD_NAMES:
     raise DecodeError(f"config key decode.method={method!r} is not supported "
@@ -132,7 +134,8 @@ def decode_settings(config) -> DecodeSettings:
   depth = config_int(config, "decode.tree_depth", 1, 6)
   tree_k = config_int(config, "decode.tree_top_k", 1, 10)
   total = config_int(config, "decode.total_tokens", 1, 60)
-  if method in METHOD_KINDS and total > num_buffer_nodes(tree_k, depth):
+  tree, pins = tree_setting(config)
+  if method in METHOD_KINDS and not tree and total > num_buffer_nodes(tree_k, depth):
     raise DecodeError(f"config key decode.total_tokens={total} exceeds the "
                       f"{num_buffer_nodes(tree_k, depth)} nodes that decode.tree_depth={depth} "
                       f"and decode.tree_top_k={tree_k} draft")
@@ -163,7 +166,39 @@ def decode_settings(config) -> DecodeSettings:
       stop_token_ids=tuple(int(s) for s in stops), seed=config_int(config, "decode.seed", 0, 0),
       tree_depth=depth, tree_top_k=tree_k, total_tokens=total,
       min_prompt_bucket=config_int(config, "decode.min_prompt_bucket", 1, MIN_BUCKET),
-      timing_repeats=config_int(config, "decode.timing_repeats", 1, TIMING_REPEATS))
+      timing_repeats=config_int(config, "decode.timing_repeats", 1, TIMING_REPEATS),
+      tree=tree, tree_pins=pins)
+
+
+TREE_PINS = ("depth", "top_k", "nodes")
+
+
+def tree_setting(config) -> tuple[str, tuple[tuple[str, int], ...]]:
+  """decode.tree: "" (the fixed tree of decode.tree_depth/tree_top_k/total_tokens) or
+  "auto", optionally pinning some sizes: "auto:depth=4,top_k=8" (names depth, top_k,
+  nodes). Returns (tree, pins)."""
+  value = config_value(config, "decode.tree", "")
+  bad = DecodeError(f"config key decode.tree={value!r}: expected '' (fixed tree) or 'auto', "
+                    f"optionally 'auto:depth=D,top_k=K,nodes=N' with any of those pinned")
+  if not isinstance(value, str):
+    raise bad
+  head, _, rest = value.strip().partition(":")
+  if head in ("", "fixed") and not rest:
+    return "", ()
+  if head != "auto":
+    raise bad
+  pins = {}
+  for part in filter(None, (p.strip() for p in rest.split(","))):
+    name, eq, num = part.partition("=")
+    if not eq or name.strip() not in TREE_PINS or name.strip() in pins:
+      raise bad
+    try:
+      pins[name.strip()] = int(num)
+    except ValueError:
+      raise bad from None
+    if pins[name.strip()] < 1:
+      raise bad
+  return "auto", tuple(sorted(pins.items()))
 
 
 def resolve_target_path(path: str) -> str:
