@@ -146,6 +146,8 @@ def job_settings(config, settings: DecodeSettings, model_dir: str) -> dict:
   if s.speculative:
     out.update({"decode.tree_depth": s.tree_depth, "decode.tree_top_k": s.tree_top_k,
                 "decode.total_tokens": s.total_tokens})
+    if s.tree:  # "auto[:pins]": the tree is chosen at load time from measured costs
+      out["decode.tree"] = config_value(config, "decode.tree", "")
   model_dir = os.path.abspath(model_dir)
   out.update({"target.path": model_dir, "target.files": files_fingerprint(model_dir),
               "target.dtype": config_value(config, "target.dtype", ""),
