@@ -266,6 +266,12 @@ class JsonlWriter:
       while data:
         data = data[os.write(self.fd, data):]
       os.fsync(self.fd)
+    except KeyboardInterrupt:
+      if data:  # cut mid-line: drop the partial line
+        os.ftruncate(self.fd, start)
+      else:  # the line is whole: keep it, and finish making it durable
+        os.fsync(self.fd)
+      raise
     except BaseException as e:
       os.ftruncate(self.fd, start)
       if isinstance(e, OSError):
