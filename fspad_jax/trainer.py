@@ -87,8 +87,9 @@ def draft_config(config, target_cfg) -> DraftConfig:
   """The DraftConfig from config.draft: target shapes unless overridden (0 = target's)."""
   overrides = {k: v for k, v in dict(config.draft.get("shape", {})).items() if v}
   hot = hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
+  layers = tuple(config.draft.get("feature_layers", ()) or ())  # () = the kind's default
   return draft_config_from_target(target_cfg, config.draft.kind, dtype=config.draft.dtype,
-                                  hot_vocab_size=hot, **overrides)
+                                  hot_vocab_size=hot, feature_layers=layers, **overrides)
 
 
 def hot_vocabulary(setup, prepared_dir: str, workdir: str) -> np.ndarray | None:
@@ -197,7 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                                   dtype=config.target.dtype)
   setup = build_setup(config, target)
   prepared = prepare_data(config, workdir)
-  hot_vocabulary(setup, prepared, workdir)
+  setup.hot_ids = hot_vocabulary(setup, prepared, workdir)  # an own-head draft trains on it
   seq = config.data.max_len
   micro = t.global_batch // t.grad_accum
 
