@@ -91,6 +91,8 @@ class DraftConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+    if self.kind == "eagle3":  # no input fc at all: its bias flag means nothing
+      object.__setattr__(self, "fc_bias", False)
     if not self.feature_layers or len(set(self.feature_layers)) != len(self.feature_layers):
       raise ConfigError(f"draft feature_layers={self.feature_layers}: expected one or more "
                         "distinct target layer indices")

@@ -212,7 +212,7 @@ def test_new_kinds_train(target, kind, mesh):
   dcfg = draft_config_from_target(cfg, kind, feature_layers=LAYERS3,
                                   hot_vocab_size=0 if hot is None else len(hot))
   optimizer, schedule = train_lib.make_optimizer(train_lib.OptimConfig(
-      learning_rate=1e-2, warmup_steps=1, total_steps=12, clip="global_norm", clip_value=1.0))
+      learning_rate=1e-2, warmup_steps=1, total_steps=8, clip="global_norm", clip_value=1.0))
   setup = train_lib.TrainSetup(cfg, tg, tp, dcfg, nnx.split(abstract_draft(dcfg))[0], mesh,
                                ShardingRules(), optimizer, schedule,
                                train_lib.LossConfig(noise=0.0), grad_accum=1, hot_ids=hot)
@@ -222,13 +222,16 @@ def test_new_kinds_train(target, kind, mesh):
   batch = {"input_ids": data, "loss_mask": np.ones_like(data),
            "length": np.full((1, 4), 16, np.int32)}
   losses = []  # the token loss (fspad3's regression target moves with its fusion fc)
-  for _ in range(12):
+  for _ in range(8):
     state, metrics = step(state, tp, batch)
     losses.append(float(metrics["loss_cls"]))
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
   if kind == "eagle3":
     np.testing.assert_allclose(float(metrics["loss"]), 0.1 * float(metrics["loss_cls"]),
                                rtol=1e-6)
+  if kind != "eagle3":
+    return
+  # Per-depth agreement maps the own head's top-3 back to target ids.
   agreement = train_lib.make_agreement_fn(setup, depths=2)(
       state.params, tp, {k: v[0] for k, v in batch.items()})
   rates = train_lib.summarize_agreement(jax.device_get(agreement), 2)
