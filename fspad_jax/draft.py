@@ -50,6 +50,9 @@ from fspad_jax.model import (Attention, AttentionInputs, KVCache, MLP, RMSNorm, 
 Array = jax.Array
 
 DRAFT_KINDS = ("eagle", "fspad", "fs_only", "pad_only", "eagle3", "fspad3")
+# Kinds that fspad_jax.draft_checkpoint's EAGLE-1/2 / FSPAD layout holds (with one feature
+# layer); 'eagle3' has its own layout (fspad_jax.eagle3_checkpoint).
+EAGLE_LAYOUT_KINDS = ("eagle", "fspad", "fs_only", "pad_only")
 # Kinds whose default feature layers are EAGLE-3's low/mid/high triple (others: the final one).
 MULTI_LAYER_KINDS = ("eagle3", "fspad3")
 

@@ -49,7 +49,9 @@ from fspad_jax import console
 logger = logging.getLogger(__name__)
 
 STAGES = ("data", "tokenizer", "pretrain", "drafts", "eval", "report")
-KIND_METHOD = {"eagle": "eagle", "fspad": "fspad", "fs_only": "fspad", "pad_only": "fspad"}
+# draft kind -> decode.method (= draft_source.METHOD_KINDS inverted; tests check it).
+KIND_METHOD = {"eagle": "eagle", "fspad": "fspad", "fs_only": "fspad", "pad_only": "fspad",
+               "eagle3": "eagle3", "fspad3": "fspad"}
 DATASETS = ("mtbench", "sharegpt")
 PIPELINE_VERSION = 1  # bump when a stage's outputs change meaning
 MARKER, STARTED = ".done", ".started"

@@ -79,8 +79,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"mesh's data x fsdp = {data_ways} devices")
   if t.steps < 1:
     raise ConfigError(f"train.steps={t.steps} must be >= 1")
-  hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0),
-                                 load_hf_config(config.target.path).vocab_size)
+  target_cfg = load_hf_config(config.target.path)
+  hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
+  draft_config(config, target_cfg)  # feature layers the target lacks, own-head vocabulary
 
 
 def draft_config(config, target_cfg) -> DraftConfig:
@@ -224,6 +225,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     if saved_meta.get("draft_config", {}).get("kind") != setup.draft_cfg.kind:
       raise ConfigError(f"{ckpt.directory} holds a {saved_meta['draft_config']['kind']!r} "
                         f"draft, but draft.kind={setup.draft_cfg.kind!r}: use another workdir")
+    saved_layers = tuple(saved_meta.get("draft_config", {}).get("feature_layers", (-1,)))
+    if saved_layers != setup.draft_cfg.feature_layers:
+      raise ConfigError(f"{ckpt.directory} holds a draft of feature layers {list(saved_layers)}, "
+                        f"but draft.feature_layers gives {list(setup.draft_cfg.feature_layers)}: "
+                        "use another workdir")
     _warn_on_changed_schedule(saved_meta.get("config", {}).get("train", {}), t)
     try:
       batches.set_state(data_state)

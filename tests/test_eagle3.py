@@ -370,3 +370,13 @@ def test_bad_eagle3_files_refused_in_one_line(eagle3_reference, tmp_path, edit, 
   with pytest.raises((DraftCheckpointError, ConfigError)) as e:
     load_eagle3_draft(bad, E3_TARGET, dtype="float32")
   assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_every_kind_has_a_decode_method():
+  from fspad_jax.decoding.engine import METHODS
+  from fspad_jax.draft import DRAFT_KINDS
+  from fspad_jax.draft_source import METHOD_KINDS
+  from fspad_jax.pipeline import KIND_METHOD
+  inverted = {k: m for m, kinds in METHOD_KINDS.items() for k in kinds}
+  assert inverted == KIND_METHOD and set(inverted) == set(DRAFT_KINDS)
+  assert set(METHOD_KINDS) < set(METHODS)
