@@ -60,14 +60,13 @@ MULTI_LAYER_KINDS = ("eagle3", "fspad3")
 def eagle3_feature_layers(num_layers: int) -> tuple[int, ...]:
   """EAGLE-3's target layers: the inputs of decoder layers 2, L//2 and L-3 (SafeAILab/EAGLE
   modeling_llama_kv.py; vLLM's default aux layers), i.e. output_hidden_states indices
-  (2, L//2, L-3), low to high. Clipped to 1..L-1 and deduplicated for tiny targets."""
+  (2, L//2, L-3), low to high ((2, 16, 29) for 32 layers). Targets too shallow for three
+  distinct such layers (L < 8) take the distinct values of (1, L//2, L) instead, L being the
+  final normed feature: (1, 2) for 2 layers, (1, 2, 4) for 4."""
   picks = (2, num_layers // 2, num_layers - 3)
-  out = []
-  for i in picks:
-    i = min(max(i, 1), max(num_layers - 1, 1))
-    if i not in out:
-      out.append(i)
-  return tuple(sorted(out))
+  if len(set(picks)) == 3 and all(1 <= i < num_layers for i in picks):
+    return picks
+  return tuple(sorted({1, num_layers // 2 or 1, num_layers}))
 
 
 @dataclasses.dataclass(frozen=True)
