@@ -174,7 +174,7 @@ def test_greedy_equals_vanilla_new_kinds(target, kind, batch, mesh):
   base = SpecOptions(max_new_tokens=16, depth=4, top_k=3, total_tokens=20, stop_token_ids=(3,))
   options = dataclasses.replace(base, cache_len=cache_len_for(10, base))
   spec = SpeculativeGenerator(tg, tp, dg, dp, mesh, hot_ids=hot)
-  prompt, lengths = random_prompts(8, 10, 16, seed=7)
+  prompt, lengths = random_prompts(4 if batch == 1 else 8, 10, 16, seed=7)
   accepted = assert_greedy_equal(spec, VanillaGenerator(tg, tp, mesh), prompt, lengths, batch,
                                  options)
   assert accepted.max() >= 1, np.bincount(accepted)
@@ -212,7 +212,7 @@ def test_new_kinds_train(target, kind, mesh):
   dcfg = draft_config_from_target(cfg, kind, feature_layers=LAYERS3,
                                   hot_vocab_size=0 if hot is None else len(hot))
   optimizer, schedule = train_lib.make_optimizer(train_lib.OptimConfig(
-      learning_rate=1e-2, warmup_steps=1, total_steps=8, clip="global_norm", clip_value=1.0))
+      learning_rate=1e-2, warmup_steps=1, total_steps=6, clip="global_norm", clip_value=1.0))
   setup = train_lib.TrainSetup(cfg, tg, tp, dcfg, nnx.split(abstract_draft(dcfg))[0], mesh,
                                ShardingRules(), optimizer, schedule,
                                train_lib.LossConfig(noise=0.0), grad_accum=1, hot_ids=hot)
@@ -222,7 +222,7 @@ def test_new_kinds_train(target, kind, mesh):
   batch = {"input_ids": data, "loss_mask": np.ones_like(data),
            "length": np.full((1, 4), 16, np.int32)}
   losses = []  # the token loss (fspad3's regression target moves with its fusion fc)
-  for _ in range(8):
+  for _ in range(6):
     state, metrics = step(state, tp, batch)
     losses.append(float(metrics["loss_cls"]))
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
