@@ -46,7 +46,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 def decode_config() -> ml_collections.ConfigDict:
   """Decoding method and sampling settings (EAGLE/FSPAD evaluation protocol)."""
   c = ml_collections.ConfigDict()
-  c.method = "vanilla"  # vanilla | eagle | fspad (eagle/fspad need draft.path)
+  c.method = "vanilla"  # vanilla | eagle | fspad | eagle3 (all but vanilla need draft.path)
   c.temperature = 0.0  # 0 = greedy; 1.0 for the sampling runs
   c.top_p = 1.0
   c.top_k = 0  # 0 = off
@@ -67,7 +67,9 @@ def draft_config() -> ml_collections.ConfigDict:
   target's: one 70B layer, 64 heads / 8 KV heads, d_ff 28672) for training."""
   c = ml_collections.ConfigDict()
   c.path = ""  # decode: a train.py workdir, one step's checkpoint or an EAGLE-layout dir
-  c.kind = "fspad"  # eagle | fspad | fs_only | pad_only
+  c.kind = "fspad"  # eagle | fspad | fs_only | pad_only | eagle3 | fspad3 (configs/tiny.py)
+  # Target layers the draft reads; () = the kind's default (configs/tiny.py explains).
+  c.feature_layers = ()
   c.dtype = "bfloat16"  # compute dtype; master weights and Adam state stay float32
   c.shape = ml_collections.ConfigDict(
       {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0})

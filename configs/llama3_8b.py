@@ -48,7 +48,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 def decode_config() -> ml_collections.ConfigDict:
   """Decoding method and sampling settings (EAGLE/FSPAD evaluation protocol)."""
   c = ml_collections.ConfigDict()
-  c.method = "vanilla"  # vanilla | eagle | fspad (eagle/fspad need draft.path)
+  c.method = "vanilla"  # vanilla | eagle | fspad | eagle3 (all but vanilla need draft.path)
   c.temperature = 0.0  # 0 = greedy; 1.0 for the sampling runs
   c.top_p = 1.0
   c.top_k = 0  # 0 = off
@@ -70,7 +70,14 @@ def draft_config() -> ml_collections.ConfigDict:
   overrides (0 = the target's, i.e. one Llama-3-8B layer, d_ff 14336) for training."""
   c = ml_collections.ConfigDict()
   c.path = ""  # a train.py workdir, one step's checkpoint or an EAGLE-layout directory
-  c.kind = "fspad"  # eagle | fspad | fs_only | pad_only
+  # eagle | fspad | fs_only | pad_only | eagle3 (EAGLE-3's head: own LM head, multi-layer
+  # features, no regression loss; decode.method=eagle3) | fspad3 (FSPAD on EAGLE-3's layers)
+  c.kind = "fspad"
+  # Target layers the draft reads (0 = embeddings, i = output of decoder layer i, -1 = the final
+  # feature); several are fused by one fc (k*d -> d), and the draft regresses and feeds back
+  # that fused feature. () = the kind's default: (-1,), or EAGLE-3's (2, L//2, L-3) for
+  # eagle3 / fspad3.
+  c.feature_layers = ()
   c.dtype = "bfloat16"  # compute dtype; master weights and Adam state stay float32
   c.shape = ml_collections.ConfigDict(
       {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0})

@@ -119,6 +119,9 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
             eval_batches: int = 4, eval_batch: int = 0) -> ml_collections.ConfigDict:
   """Draft training (fspad_jax.trainer.train); identical for every kind."""
   return ml_collections.ConfigDict({
+      # Any of draft.DRAFT_KINDS: eagle3 (EAGLE-3's head) and fspad3 (FSPAD on EAGLE-3's
+      # low/mid/high target layers) train and decode like the others (their feature layers
+      # are the kind's default; pipeline.KIND_METHOD gives the decode method).
       "kinds": ("eagle", "fspad", "fs_only", "pad_only"),
       # Training data: "sharegpt" (the train split's own answers) or "regen" (the regen
       # stage's target-written answers); regen_kinds train on "regen" whatever `data` says.

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from fspad_jax.config import ConfigError, ModelConfig, _parse_rope, read_config_json
-from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft
+from fspad_jax.draft import DRAFT_KINDS, EAGLE_LAYOUT_KINDS, DraftConfig, abstract_draft
 from fspad_jax.hot_vocab import validate_hot_ids
 from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _LazyStack,
                                      _linear, _stacked_linear, param_shardings, to_hf_tensors)
@@ -393,6 +393,9 @@ def save_draft(draft_dir: str, cfg: DraftConfig, params: nnx.State,
   code load with strict=True); fspad_jax ignores it on loading. `hot_ids` (a hot vocabulary,
   fspad_jax.hot_vocab) are written as EAGLE-3's `d2t` offsets and `t2d` mask.
   """
+  if cfg.kind not in EAGLE_LAYOUT_KINDS or cfg.num_features > 1:
+    raise ConfigError(f"a {cfg.kind!r} draft of {cfg.num_features} feature layer(s) has no "
+                      "EAGLE-1/2 / FSPAD layout (eagle3: eagle3_checkpoint.save_eagle3_draft)")
   os.makedirs(draft_dir, exist_ok=True)
   np_dtype = NP_DTYPES[save_dtype or cfg.dtype]
   tensors = to_hf_tensors(params, draft_tensor_mappings(cfg), save_dtype or cfg.dtype)

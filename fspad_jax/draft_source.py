@@ -19,18 +19,22 @@ from flax import nnx
 
 from fspad_jax import hot_vocab
 from fspad_jax.config import ConfigError, ModelConfig, RopeConfig
-from fspad_jax.draft import DraftConfig, abstract_draft
+from fspad_jax.draft import DraftConfig, abstract_draft, check_feature_layers
 from fspad_jax.hf_checkpoint import param_shardings
 from fspad_jax.sharding import ShardingRules
 
-# decode.method -> draft kinds it runs (the FSPAD ablations decode like FSPAD).
-METHOD_KINDS = {"eagle": ("eagle",), "fspad": ("fspad", "fs_only", "pad_only")}
+# decode.method -> draft kinds it runs (the FSPAD ablations and 'fspad3' decode like FSPAD;
+# 'eagle3' heads, with their own LM head, under their own method name).
+METHOD_KINDS = {"eagle": ("eagle",), "fspad": ("fspad", "fs_only", "pad_only", "fspad3"),
+                "eagle3": ("eagle3",)}
 
 
 def draft_config_from_json(raw: dict, source: str) -> DraftConfig:
   try:
     raw = dict(raw)
     raw["rope"] = RopeConfig(**raw["rope"])
+    if "feature_layers" in raw:  # a JSON list; older configs have none (the final feature)
+      raw["feature_layers"] = tuple(raw["feature_layers"])
     return DraftConfig(**raw)
   except (KeyError, TypeError) as e:
     raise ConfigError(f"{source}: not a fspad_jax draft config ({e})") from None
@@ -80,6 +84,12 @@ def load_draft_for_decode(path: str, target_cfg: ModelConfig, method: str, mesh,
     params = _restore_params(step_dir, cfg, mesh, rules)
     graphdef, _ = nnx.split(abstract_draft(cfg))
     return cfg, graphdef, params
+  from fspad_jax import eagle3_checkpoint
+  if eagle3_checkpoint.is_eagle3_dir(path):
+    cfg, graphdef, params = eagle3_checkpoint.load_eagle3_draft(path, target_cfg, dtype=dtype,
+                                                                mesh=mesh, rules=rules)
+    _check_fit(cfg, target_cfg, method, path)
+    return cfg, graphdef, params
   from fspad_jax.draft_checkpoint import load_draft
   cfg, graphdef, params = load_draft(path, target_cfg, dtype=dtype, mesh=mesh, rules=rules)
   _check_fit(cfg, target_cfg, method, path)
@@ -111,6 +121,7 @@ def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str
   if cfg.vocab_size and cfg.vocab_size != target_cfg.vocab_size:
     raise ConfigError(f"{path}: draft vocabulary {cfg.vocab_size} does not match the "
                       f"target's {target_cfg.vocab_size}")
+  check_feature_layers(cfg, target_cfg)
 
 
 # Feature sampling's gate/up kernel was stored [d, 2, d_ff] before it became [2, d, d_ff]

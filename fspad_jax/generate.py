@@ -49,18 +49,20 @@ class GenerateOutput(NamedTuple):
   finish_reason: Array  # [batch] int32, FINISH_LENGTH or FINISH_STOP
 
 
-def prefill(model: Transformer, prompt: Array, prompt_lengths: Array, cache: KVCache
-            ) -> tuple[Array, Array, KVCache]:
+def prefill(model: Transformer, prompt: Array, prompt_lengths: Array, cache: KVCache,
+            feature_layers: tuple[int, ...] | None = None) -> tuple[Array, Array, KVCache]:
   """Runs right-padded prompts [batch, seq] through the target from an empty cache.
 
   Returns (features [batch, seq, embed], last-token logits [batch, vocab], cache with
   lengths = prompt_lengths). Padding positions write K/V past each row's length, where the
-  next tokens overwrite them; they are never attended to."""
+  next tokens overwrite them; they are never attended to. With `feature_layers` (a draft's),
+  the first output is instead those layers' taps [batch, seq, k*embed] from the same pass."""
   batch, seq = prompt.shape
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  feats, cache = model.features(prompt, positions, cache)
+  feats, taps, cache = model.features_and_taps(prompt, positions, cache, feature_layers or ())
   last = jnp.take_along_axis(feats, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-  return feats, model.logits(last), cache.replace(lengths=prompt_lengths.astype(jnp.int32))
+  return (feats if taps is None else taps, model.logits(last),
+          cache.replace(lengths=prompt_lengths.astype(jnp.int32)))
 
 
 def is_stop(tokens: Array, stop_token_ids: tuple[int, ...]) -> Array:

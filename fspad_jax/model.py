@@ -173,11 +173,13 @@ def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Arr
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_in: int | None = None):
+    """d_in: width of the attention input (default hidden_size; EAGLE-3's draft reads 2d)."""
     d, h, kvh, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
+    d_in = d_in or d
     self.cfg = cfg
-    self.q_kernel = _param(rngs, "q_kernel", (d, h, hd), dt)  # [embed, heads, head_dim]
-    self.kv_kernel = _param(rngs, "kv_kernel", (d, 2, kvh, hd), dt)  # k and v fused
+    self.q_kernel = _param(rngs, "q_kernel", (d_in, h, hd), dt)  # [embed_in, heads, head_dim]
+    self.kv_kernel = _param(rngs, "kv_kernel", (d_in, 2, kvh, hd), dt)  # k and v fused
     self.o_kernel = _param(rngs, "o_kernel", (h, hd, d), dt)
     if cfg.qkv_bias:
       self.q_bias = _param(rngs, "q_bias", (h, hd), dt, init="zeros")
@@ -283,20 +285,54 @@ class Transformer(nnx.Module):
     committed prefix). The returned cache keeps `lengths`: callers commit explicitly.
     With cache=None the block attends only to itself and no cache is kept (training).
     """
+    feats, _, cache = self.features_and_taps(tokens, positions, cache, (), block_mask,
+                                             write_slots)
+    return feats, cache
+
+  def features_and_taps(self, tokens: Array, positions: Array, cache: KVCache | None,
+                        layers: tuple[int, ...], block_mask: Array | None = None,
+                        write_slots: Array | None = None
+                        ) -> tuple[Array, Array | None, KVCache | None]:
+    """`features`, plus the hidden states of `layers` from the same pass (no extra work).
+
+    layers index Hugging Face's `output_hidden_states`: 0 = the embeddings, i = the output
+    of decoder layer i (1-based, the residual stream before any norm), num_layers = the final
+    normed feature; negative indices count from the end (-1 = the final feature). Returns
+    (features [batch, seq, embed], taps [batch, seq, len(layers) * embed] concatenated in
+    the order given (None for no layers), cache)."""
+    layers = resolve_feature_layers(layers, self.cfg.num_layers)
     if cache is None:
       att = make_attention_inputs(self.cfg, positions, None, 0, block_mask, None)
     else:
       att = make_attention_inputs(self.cfg, positions, cache.lengths, cache.max_len,
                                   block_mask, write_slots)
     x = self.embed(tokens)
+    hidden = {0: x} if 0 in layers else {}
     for index, layer in enumerate(self.layers):
       x, cache = layer(x, cache, index, att)
-    return self.final_norm(x), cache
+      if index + 1 in layers:
+        hidden[index + 1] = x
+    feats = self.final_norm(x)
+    hidden[self.cfg.num_layers] = feats  # the final index means the normed feature
+    taps = jnp.concatenate([hidden[i] for i in layers], axis=-1) if layers else None
+    return feats, taps, cache
 
   def __call__(self, tokens, positions, cache, block_mask=None, write_slots=None):
     """Returns (logits [batch, seq, vocab] float32, features [batch, seq, embed], cache)."""
     feats, cache = self.features(tokens, positions, cache, block_mask, write_slots)
     return self.logits(feats), feats, cache
+
+
+def resolve_feature_layers(layers, num_layers: int) -> tuple[int, ...]:
+  """Feature-layer indices (Transformer.features_and_taps) as 0..num_layers; negative ones
+  count from the end. Raises ValueError for an index outside -(L+1)..L."""
+  out = []
+  for i in layers:
+    if not -(num_layers + 1) <= int(i) <= num_layers:
+      raise ValueError(f"feature layer {i} is outside 0..{num_layers} (-1 = the final "
+                       f"feature) for a {num_layers}-layer target")
+    out.append(int(i) % (num_layers + 1))
+  return tuple(out)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -56,7 +56,9 @@ from fspad_jax import console
 logger = logging.getLogger(__name__)
 
 STAGES = ("data", "tokenizer", "pretrain", "regen", "drafts", "eval", "report")
-KIND_METHOD = {"eagle": "eagle", "fspad": "fspad", "fs_only": "fspad", "pad_only": "fspad"}
+# draft kind -> decode.method (= draft_source.METHOD_KINDS inverted; tests check it).
+KIND_METHOD = {"eagle": "eagle", "fspad": "fspad", "fs_only": "fspad", "pad_only": "fspad",
+               "eagle3": "eagle3", "fspad3": "fspad"}
 DATASETS = ("mtbench", "sharegpt")
 DRAFT_DATA = ("sharegpt", "regen")  # drafts.data: what the drafts train on
 PIPELINE_VERSION = 1  # bump when a stage's outputs change meaning

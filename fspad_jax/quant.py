@@ -48,6 +48,8 @@ DRAFT_KERNELS = (
     (("layer", "attn"), "o_kernel", (0, 1)),  # [heads, head_dim, d]
     (("layer", "mlp"), "gate_up_kernel", (0,)),  # [d, 2, f]
     (("layer", "mlp"), "down_kernel", (0,)),  # [f, d or 2d]
+    (("feature_fc",), "kernel", (0, 1)),  # [k, d, d]: multi-layer feature fusion
+    ((), "lm_head", (0,)),  # [d, N]: an 'eagle3' draft's own LM head
 )
 
 
@@ -57,7 +59,7 @@ def draft_kernels(draft):
     module = draft
     for part in path:
       module = getattr(module, part, None)
-    if module is not None:  # e.g. no feature-sampling block in this draft kind
+    if module is not None and hasattr(module, name):  # e.g. no FS block in this kind
       yield module, name, in_axes
 
 

@@ -112,10 +112,15 @@ class SpecOutput(NamedTuple):
 
 
 def draft_candidates(target: Transformer, predict: Array, top_k: int,
-                     vocab: DraftVocab | None = None) -> tuple[Array, Array]:
+                     vocab: DraftVocab | None = None, draft: Draft | None = None
+                     ) -> tuple[Array, Array]:
   """The draft's top-K next tokens (target ids) and their log-probs ([..., K] each) from its
   `predict` feature [..., embed] (tree.top_candidates: no vocabulary-wide log-softmax). With a
-  hot vocabulary, over its N logits only, mapped back to target ids."""
+  hot vocabulary, over its N logits only, mapped back to target ids. A draft with its own LM
+  head ('eagle3') scores with that head (over vocab.ids when it has a hot vocabulary)."""
+  if draft is not None and draft.cfg.own_head:
+    tokens, logp = tree_lib.top_candidates(draft.logits(predict), top_k)
+    return (tokens if vocab is None else jnp.take(vocab.ids, tokens)), logp
   if vocab is None:
     return tree_lib.top_candidates(draft_logits(target, predict), top_k)
   tokens, logp = tree_lib.top_candidates(hot_logits(vocab, predict, target.cfg.dtype), top_k)
@@ -126,7 +131,8 @@ def draft_prefill(draft: Draft, target: Transformer, features: Array, prompt: Ar
                   prompt_lengths: Array, first_token: Array, cache: KVCache, top_k: int,
                   vocab: DraftVocab | None = None) -> tuple[Array, Array, Array, KVCache]:
   """Runs the draft over the prompt: position j gets (f(j), e(t(j+1))), where t(len) is the
-  first sampled token. Returns (root_tokens, root_logp [batch, K], root_feature [batch, embed],
+  first sampled token; features [batch, seq, k*embed] are the target's taps
+  (Transformer.features_and_taps with the draft's feature_layers). Returns (root_tokens, root_logp [batch, K], root_feature [batch, embed],
   cache with lengths = prompt_lengths)."""
   batch, seq = prompt.shape
   next_tokens = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)  # [batch, seq]
@@ -136,7 +142,7 @@ def draft_prefill(draft: Draft, target: Transformer, features: Array, prompt: Ar
   out = draft(features, target.embed(next_tokens), positions,
               cache.replace(lengths=jnp.zeros_like(prompt_lengths)))
   take = lambda x: jnp.take_along_axis(x, last[:, :, None], axis=1)[:, 0]
-  root_tokens, root_logp = draft_candidates(target, take(out.predict), top_k, vocab)
+  root_tokens, root_logp = draft_candidates(target, take(out.predict), top_k, vocab, draft)
   return root_tokens, root_logp, take(out.regress), out.cache.replace(lengths=prompt_lengths)
 
 
@@ -172,7 +178,7 @@ def build_tree(draft: Draft, target: Transformer, state: SpecState, options: Spe
     write_slots = jnp.broadcast_to(scratch_base + own, (batch, K)).astype(jnp.int32)
     x = draft.fuse_inputs(frontier_feats, target.embed(frontier_tokens))
     predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, write_slots))
-    child_tokens, child_logp = draft_candidates(target, predict, K, vocab)  # [b, K, K] each
+    child_tokens, child_logp = draft_candidates(target, predict, K, vocab, draft)  # [b,K,K]
     expansion = tree_lib.expand_candidates(buffers.frontier_scores, child_tokens, child_logp)
     buffers = tree_lib.add_level(buffers, level, expansion)
     parent = expansion.frontier_parent_slots  # [batch, K]
@@ -211,8 +217,11 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
 
   tree, draft_cache = build_tree(draft, target, state, options, vocab)
   positions = n[:, None] + tree.depths  # [batch, T]
-  logits, feats, target_cache = target(tree.tokens, positions, state.target_cache,
-                                       block_mask=tree.ancestor_mask)
+  # One target pass: the final feature (verification) and the draft's feature layers (commit).
+  feats, taps, target_cache = target.features_and_taps(
+      tree.tokens, positions, state.target_cache, draft.cfg.feature_layers,
+      block_mask=tree.ancestor_mask)  # taps: [batch, T, k*embed]
+  logits = target.logits(feats)
   if options.sampling.greedy:  # no PRNG work in greedy steps
     rng, verify_rng = state.rng, None
   else:
@@ -221,10 +230,11 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   target_cache = commit_target_cache(target_cache, result.accepted_nodes, result.accept_len,
                                      active)
 
-  # Draft commit: (f(n+i), e(t(n+i+1))) for i = 0..m at positions n+i.
+  # Draft commit: (f(n+i), e(t(n+i+1))) for i = 0..m at positions n+i, with the target's
+  # true (tapped, fused by the draft) features of the accepted tokens.
   width = options.depth + 1
   node = jnp.maximum(result.accepted_nodes, 0)  # [batch, D+1]
-  path_feats = jnp.take_along_axis(feats, node[:, :, None], axis=1)  # [batch, D+1, embed]
+  path_feats = jnp.take_along_axis(taps, node[:, :, None], axis=1)  # [batch, D+1, k*embed]
   path_next = jnp.maximum(result.output_tokens, 0)  # [batch, D+1]
   draft_positions = n[:, None] + jnp.arange(width)[None]
   valid = (jnp.arange(width)[None] <= result.accept_len[:, None]) & active[:, None]
@@ -233,7 +243,7 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
               draft_cache.replace(lengths=n), write_slots=write_slots)
   take_last = lambda x: jnp.take_along_axis(x, result.accept_len[:, None, None], axis=1)[:, 0]
   next_tokens, next_logp = draft_candidates(target, take_last(out.predict), options.top_k,
-                                           vocab)
+                                           vocab, draft)
   root_tokens = jnp.where(active[:, None], next_tokens, state.root_tokens)
   root_logp = jnp.where(active[:, None], next_logp, state.root_logp)
   root_feature = jnp.where(active[:, None], take_last(out.regress), state.root_feature)
@@ -271,7 +281,8 @@ def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths:
   """Target and draft prefill, and the first token (sampled from the target)."""
   batch = prompt.shape[0]
   target_cache = KVCache.create(target.cfg, batch, options.cache_len)
-  feats, logits, target_cache = prefill(target, prompt, prompt_lengths, target_cache)
+  feats, logits, target_cache = prefill(target, prompt, prompt_lengths, target_cache,
+                                        feature_layers=draft.cfg.feature_layers)
   rng, sub = jax.random.split(rng)
   first = sample_tokens(sub, logits, options.sampling)  # [batch]
   draft_cache = KVCache.create(draft.cfg.layer_config, batch,
@@ -322,7 +333,17 @@ class SpeculativeGenerator:
     self.draft_graphdef, self.draft_params = draft_graphdef, draft_params
     self.mesh, self.rules = mesh, rules or ShardingRules()
     self.vocab = None
-    if hot_ids is not None:
+    draft_cfg = nnx.merge(draft_graphdef, draft_params).cfg
+    own_head = draft_cfg.own_head
+    if own_head and draft_cfg.hot_vocab_size != (0 if hot_ids is None else len(hot_ids)):
+      raise ValueError(f"an 'eagle3' draft with a {draft_cfg.head_vocab_size}-row LM head needs "
+                       f"{draft_cfg.hot_vocab_size or 'no'} hot ids, got "
+                       f"{'none' if hot_ids is None else len(hot_ids)}")
+    if hot_ids is not None and own_head:  # the draft scores with its own head: ids only
+      ids = np.asarray(hot_ids, np.int32)
+      self.vocab = DraftVocab(jax.device_put(ids, replicated(mesh)) if mesh is not None
+                              else jax.device_put(ids), None)
+    elif hot_ids is not None:
       self.vocab = jax.jit(lambda p, ids: make_draft_vocab(
           nnx.merge(target_graphdef, p), ids, weight_dtype))(
               target_params, np.asarray(hot_ids, np.int32))

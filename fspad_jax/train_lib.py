@@ -92,15 +92,17 @@ class TargetOutputs(NamedTuple):
   next_probs: Array  # [batch, seq, vocab] float32 softmax(LMhead(f(j+1))) at j (0 at the end)
   next_token: Array  # [batch, seq] int32 argmax of the target's distribution after token j+1
   weights: Array  # [batch, seq] float32: position j trained iff loss_mask[j+1] inside the row
+  taps: Array  # [batch, seq, k*embed]: the draft's feature layers at j (= features for k=1 final)
 
 
 def target_outputs(target: Transformer, input_ids: Array, loss_mask: Array,
-                   lengths: Array) -> TargetOutputs:
-  """The frozen target's features and soft targets, with no gradient."""
+                   lengths: Array, feature_layers: tuple[int, ...] = (-1,)) -> TargetOutputs:
+  """The frozen target's features, the draft's feature layers (same pass) and soft targets,
+  with no gradient."""
   batch, seq = input_ids.shape
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  feats, _ = target.features(input_ids, positions, None)
-  feats = jax.lax.stop_gradient(feats)
+  feats, taps, _ = target.features_and_taps(input_ids, positions, None, feature_layers)
+  feats, taps = jax.lax.stop_gradient(feats), jax.lax.stop_gradient(taps)
   next_logits = target.logits(feats[:, 1:])  # [batch, seq-1, vocab]
   next_logits = jnp.pad(next_logits, ((0, 0), (0, 1), (0, 0)))
   next_probs = jax.lax.stop_gradient(jax.nn.softmax(next_logits, axis=-1))
@@ -109,7 +111,50 @@ def target_outputs(target: Transformer, input_ids: Array, loss_mask: Array,
   shifted_mask = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1)))
   weights = (shifted_mask > 0) & inside
   return TargetOutputs(feats, next_probs, jnp.argmax(next_logits, -1).astype(jnp.int32),
-                       weights.astype(jnp.float32))
+                       weights.astype(jnp.float32), taps)
+
+
+def regression_targets(draft: Draft, tgt: TargetOutputs) -> Array:
+  """What `regress(j)` is trained toward: the fused feature of the true next position,
+  fuse(taps(j+1)) [batch, seq, embed] float32 (zero past the end). For one feature layer this
+  is the target's feature f(j+1); for several, the draft's own fusion fc under stop_gradient
+  (the fed-back feature lives in that space; draft.py's docstring)."""
+  fused = jax.lax.stop_gradient(draft.fuse_features(tgt.taps)).astype(jnp.float32)
+  return jnp.pad(fused[:, 1:], ((0, 0), (0, 1), (0, 0)))
+
+
+def regression_weight(draft_cfg: DraftConfig, loss_cfg: LossConfig) -> float:
+  """w_reg, or 0 for a kind trained without feature regression ('eagle3')."""
+  return loss_cfg.w_reg if draft_cfg.regresses_feature else 0.0
+
+
+def token_terms(draft: Draft, target: Transformer, predict: Array, tgt: TargetOutputs,
+                hot_ids=None) -> tuple[Array, Array, Array, Array]:
+  """The draft's token loss pieces: (soft cross-entropy [batch, seq], top-1 hit [batch, seq],
+  weights [batch, seq], top-3 target ids [batch, seq, 3]).
+
+  Drafts on the target's LM head: against softmax(LMhead(f(j+1))) over the full vocabulary.
+  An own-head draft ('eagle3') with a hot vocabulary (hot_ids [N]): as EAGLE-3 trains it, the
+  target's distribution restricted to the hot ids and renormalized, counted only where the
+  target's argmax is hot."""
+  if not draft.cfg.own_head:
+    logits = draft_logits(target, predict)  # [batch, seq, vocab]
+    probs, weights, ids = tgt.next_probs, tgt.weights, None
+  else:
+    logits = draft.logits(predict)  # [batch, seq, N]
+    if hot_ids is None:
+      probs, weights, ids = tgt.next_probs, tgt.weights, None
+    else:
+      ids = jnp.asarray(hot_ids, jnp.int32)
+      probs = jnp.take(tgt.next_probs, ids, axis=-1)  # [batch, seq, N]
+      probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-30)
+      weights = tgt.weights * jnp.isin(tgt.next_token, ids).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  cls = -jnp.sum(probs * logp, axis=-1)  # [batch, seq]
+  top3 = jax.lax.top_k(logits, 3)[1]  # [batch, seq, 3]
+  top3 = top3 if ids is None else jnp.take(ids, top3)  # target ids
+  top1 = (top3[..., 0] == tgt.next_token).astype(jnp.float32)
+  return cls, top1, weights, top3
 
 
 def shifted_embeddings(target: Transformer, input_ids: Array) -> Array:
@@ -130,28 +175,28 @@ def _draft_plain_forward(draft: Draft, features: Array, embeddings: Array):
   return predict, regress
 
 
-def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_cfg: LossConfig
-               ) -> tuple[Array, dict]:
-  """Loss of one micro-batch and its metrics (unnormalized sums, for exact accumulation)."""
+def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_cfg: LossConfig,
+               hot_ids=None) -> tuple[Array, dict]:
+  """Loss of one micro-batch and its metrics (unnormalized sums, for exact accumulation).
+  hot_ids: an own-head draft's hot vocabulary (token_terms)."""
   input_ids, loss_mask, lengths = batch["input_ids"], batch["loss_mask"], batch["length"]
-  tgt = target_outputs(target, input_ids, loss_mask, lengths)
+  tgt = target_outputs(target, input_ids, loss_mask, lengths, draft.cfg.feature_layers)
   seq = input_ids.shape[1]
-  feats = tgt.features.astype(jnp.float32)
-  noise = (jax.random.uniform(rng, feats.shape) - 0.5) * loss_cfg.noise * 512.0 / seq
+  taps = tgt.taps.astype(jnp.float32)  # [batch, seq, k*embed]: noised, then fused by the draft
+  noise = (jax.random.uniform(rng, taps.shape) - 0.5) * loss_cfg.noise * 512.0 / seq
   embeddings = shifted_embeddings(target, input_ids)
-  predict, regress = _draft_plain_forward(draft, (feats + noise), embeddings)
-  next_feats = jnp.pad(feats[:, 1:], ((0, 0), (0, 1), (0, 0)))  # f(j+1) at j
+  predict, regress = _draft_plain_forward(draft, (taps + noise), embeddings)
+  next_feats = regression_targets(draft, tgt)  # fuse(taps(j+1)) at j
   w = tgt.weights  # [batch, seq]
   reg = jnp.mean(smooth_l1(regress.astype(jnp.float32), next_feats, loss_cfg.smooth_l1_beta),
                  axis=-1)  # [batch, seq]
-  draft_logp = jax.nn.log_softmax(draft_logits(target, predict), axis=-1)  # [b, seq, vocab]
-  cls = -jnp.sum(tgt.next_probs * draft_logp, axis=-1)  # [batch, seq]
-  top1 = (jnp.argmax(draft_logp, -1) == tgt.next_token).astype(jnp.float32)
-  sums = {"reg_sum": jnp.sum(reg * w), "cls_sum": jnp.sum(cls * w),
+  cls, top1, w_tok, _ = token_terms(draft, target, predict, tgt, hot_ids)
+  sums = {"reg_sum": jnp.sum(reg * w), "cls_sum": jnp.sum(cls * w_tok),
           "top1_sum": jnp.sum(top1 * w), "weight": jnp.sum(w),
           "tokens": jnp.sum(lengths).astype(jnp.float32)}
   denom = jnp.maximum(jnp.sum(w), 1.0)
-  loss = (loss_cfg.w_reg * sums["reg_sum"] + loss_cfg.w_cls * sums["cls_sum"]) / denom
+  w_reg = regression_weight(draft.cfg, loss_cfg)
+  loss = (w_reg * sums["reg_sum"] + loss_cfg.w_cls * sums["cls_sum"]) / denom
   return loss, sums
 
 
@@ -177,6 +222,7 @@ class TrainSetup:
   loss_cfg: LossConfig
   grad_accum: int
   seed: int = 0
+  hot_ids: Any = None  # [N] int32: the hot vocabulary an own-head ('eagle3') draft trains on
 
   def batch_sharding(self, ndim: int, micro: bool = False) -> NamedSharding:
     """Batch dim over (data, fsdp); a leading micro-batch axis stays unsharded."""
@@ -230,7 +276,8 @@ def make_train_step(setup: TrainSetup, state_shardings: TrainState, micro_batch:
       grads_acc, sums_acc, i = carry
       def loss_fn(params):
         draft = nnx.merge(setup.draft_graphdef, _cast(params, compute_dtype))
-        return draft_loss(draft, target, micro, jax.random.fold_in(rng, i), loss_cfg)
+        return draft_loss(draft, target, micro, jax.random.fold_in(rng, i), loss_cfg,
+                          setup.hot_ids)
       (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       # Weight each micro-batch's gradient by its share of trained tokens (exact mean).
       grads = jax.tree.map(lambda g: g * sums["weight"], grads)
@@ -248,7 +295,8 @@ def make_train_step(setup: TrainSetup, state_shardings: TrainState, micro_batch:
     metrics = {"loss_reg": sums["reg_sum"] / denom, "loss_cls": sums["cls_sum"] / denom,
                "top1": sums["top1_sum"] / denom, "grad_norm": optax.tree.norm(grads),
                "trained_tokens": sums["weight"], "tokens": sums["tokens"]}
-    metrics["loss"] = loss_cfg.w_reg * metrics["loss_reg"] + loss_cfg.w_cls * metrics["loss_cls"]
+    metrics["loss"] = (regression_weight(setup.draft_cfg, loss_cfg) * metrics["loss_reg"]
+                       + loss_cfg.w_cls * metrics["loss_cls"])
     return TrainState(params, opt_state, state.step + 1), metrics
 
   batch_sh = {"input_ids": setup.batch_sharding(3, micro=True),
@@ -279,7 +327,8 @@ def make_agreement_fn(setup: TrainSetup, depths: int = 5, eval_loss: bool = True
     draft = nnx.merge(setup.draft_graphdef, _cast(params, compute_dtype))
     input_ids, lengths = batch["input_ids"], batch["length"]
     bsz, seq = input_ids.shape
-    tgt = target_outputs(target, input_ids, batch["loss_mask"], lengths)
+    tgt = target_outputs(target, input_ids, batch["loss_mask"], lengths,
+                         draft.cfg.feature_layers)
     embeddings = shifted_embeddings(target, input_ids)
     layer_cfg = draft.cfg.layer_config
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (bsz, seq))
@@ -287,7 +336,8 @@ def make_agreement_fn(setup: TrainSetup, depths: int = 5, eval_loss: bool = True
     cache = KVCache.create(layer_cfg, bsz, depths * seq)
     j = jnp.arange(seq)
     s = jnp.arange(seq)
-    feats = tgt.features.astype(compute_dtype)
+    feats = tgt.taps.astype(compute_dtype)  # pass 1 reads the target's taps (fused inside)
+    next_feats = regression_targets(draft, tgt)
     out = {}
     for k in range(1, depths + 1):
       prefix = []
@@ -305,21 +355,17 @@ def make_agreement_fn(setup: TrainSetup, depths: int = 5, eval_loss: bool = True
       slots = ((k - 1) * seq + positions).astype(jnp.int32)
       x = draft.fuse_inputs(feats, embeddings)
       predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, slots))
-      logits = draft_logits(target, predict)  # [batch, seq, vocab]
+      cls, hit1, w_tok, top3 = token_terms(draft, target, predict, tgt, setup.hot_ids)
       valid = tgt.weights * ((j - k + 1) >= 0)[None].astype(jnp.float32)
-      top3 = jax.lax.top_k(logits, 3)[1]  # [batch, seq, 3]
-      hit1 = (top3[..., 0] == tgt.next_token).astype(jnp.float32)
       hit3 = jnp.any(top3 == tgt.next_token[..., None], axis=-1).astype(jnp.float32)
       out[f"top1_depth{k}"] = jnp.sum(hit1 * valid)
       out[f"top3_depth{k}"] = jnp.sum(hit3 * valid)
       out[f"count_depth{k}"] = jnp.sum(valid)
       if k == 1 and eval_loss:
-        next_feats = jnp.pad(tgt.features[:, 1:], ((0, 0), (0, 1), (0, 0))).astype(jnp.float32)
         reg = jnp.mean(smooth_l1(regress.astype(jnp.float32), next_feats,
                                  loss_cfg.smooth_l1_beta), -1)
-        cls = -jnp.sum(tgt.next_probs * jax.nn.log_softmax(logits, -1), -1)
         out["reg_sum"] = jnp.sum(reg * tgt.weights)
-        out["cls_sum"] = jnp.sum(cls * tgt.weights)
+        out["cls_sum"] = jnp.sum(cls * w_tok)
         out["weight"] = jnp.sum(tgt.weights)
       # Next pass: the feature fed back at j is this pass's regress at j-1.
       feats = jnp.pad(regress[:, :-1], ((0, 0), (1, 0), (0, 0))).astype(compute_dtype)

@@ -79,16 +79,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"mesh's data x fsdp = {data_ways} devices")
   if t.steps < 1:
     raise ConfigError(f"train.steps={t.steps} must be >= 1")
-  hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0),
-                                 load_hf_config(config.target.path).vocab_size)
+  target_cfg = load_hf_config(config.target.path)
+  hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
+  draft_config(config, target_cfg)  # feature layers the target lacks, own-head vocabulary
 
 
 def draft_config(config, target_cfg) -> DraftConfig:
   """The DraftConfig from config.draft: target shapes unless overridden (0 = target's)."""
   overrides = {k: v for k, v in dict(config.draft.get("shape", {})).items() if v}
   hot = hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
+  layers = tuple(config.draft.get("feature_layers", ()) or ())  # () = the kind's default
   return draft_config_from_target(target_cfg, config.draft.kind, dtype=config.draft.dtype,
-                                  hot_vocab_size=hot, **overrides)
+                                  hot_vocab_size=hot, feature_layers=layers, **overrides)
 
 
 def hot_vocabulary(setup, prepared_dir: str, workdir: str) -> np.ndarray | None:
@@ -197,7 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                                   dtype=config.target.dtype)
   setup = build_setup(config, target)
   prepared = prepare_data(config, workdir)
-  hot_vocabulary(setup, prepared, workdir)
+  setup.hot_ids = hot_vocabulary(setup, prepared, workdir)  # an own-head draft trains on it
   seq = config.data.max_len
   micro = t.global_batch // t.grad_accum
 
@@ -223,6 +225,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     if saved_meta.get("draft_config", {}).get("kind") != setup.draft_cfg.kind:
       raise ConfigError(f"{ckpt.directory} holds a {saved_meta['draft_config']['kind']!r} "
                         f"draft, but draft.kind={setup.draft_cfg.kind!r}: use another workdir")
+    saved_layers = tuple(saved_meta.get("draft_config", {}).get("feature_layers", (-1,)))
+    if saved_layers != setup.draft_cfg.feature_layers:
+      raise ConfigError(f"{ckpt.directory} holds a draft of feature layers {list(saved_layers)}, "
+                        f"but draft.feature_layers gives {list(setup.draft_cfg.feature_layers)}: "
+                        "use another workdir")
     _warn_on_changed_schedule(saved_meta.get("config", {}).get("train", {}), t)
     try:
       batches.set_state(data_state)

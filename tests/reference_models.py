@@ -75,3 +75,110 @@ def save_reference_model(model, out_dir: str, dtype=None, max_shard_size=None,
     with open(path, "w") as f:
       json.dump(cfg, f)
   return out_dir
+
+
+# ----------------------------------------------------------------------------- EAGLE-3 head
+
+
+class Eagle3Reference(torch.nn.Module):
+  """EAGLE-3's draft head in plain torch, written from SafeAILab/EAGLE eagle/model/cnets.py
+  (`Model` + `LlamaDecoderLayeremb`): fc over the k concatenated target layers (no bias),
+  attention over [input_layernorm(e); hidden_norm(f)] (2d) with residual f, post-attention
+  norm + SiLU MLP, then norm -> lm_head over the draft vocabulary; d2t / t2d buffers.
+  Parameter names are the published state-dict names. Default RoPE (theta) only."""
+
+  def __init__(self, hidden: int, heads: int, kv_heads: int, inter: int, vocab: int,
+               draft_vocab: int, k: int = 3, theta: float = 10000.0, eps: float = 1e-5):
+    super().__init__()
+    nn = torch.nn
+    self.hidden, self.heads, self.kv_heads, self.theta = hidden, heads, kv_heads, theta
+    self.head_dim = hidden // heads
+    self.fc = nn.Linear(k * hidden, hidden, bias=False)
+    norm = lambda: transformers.models.llama.modeling_llama.LlamaRMSNorm(hidden, eps=eps)
+    self.midlayer = nn.Module()
+    m = self.midlayer
+    m.input_layernorm, m.hidden_norm, m.post_attention_layernorm = norm(), norm(), norm()
+    m.self_attn = nn.Module()
+    m.self_attn.q_proj = nn.Linear(2 * hidden, heads * self.head_dim, bias=False)
+    m.self_attn.k_proj = nn.Linear(2 * hidden, kv_heads * self.head_dim, bias=False)
+    m.self_attn.v_proj = nn.Linear(2 * hidden, kv_heads * self.head_dim, bias=False)
+    m.self_attn.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+    m.mlp = nn.Module()
+    m.mlp.gate_proj = nn.Linear(hidden, inter, bias=False)
+    m.mlp.up_proj = nn.Linear(hidden, inter, bias=False)
+    m.mlp.down_proj = nn.Linear(inter, hidden, bias=False)
+    self.norm = norm()
+    self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
+    self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+    self.register_buffer("t2d", torch.zeros(vocab, dtype=torch.bool))
+
+  def _rope(self, x, positions):  # x [b, heads, s, hd]; HF rotate_half form
+    inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+    ang = positions[:, None, :, None].float() * inv  # [b, 1, s, hd/2]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    x1, x2 = x[..., :self.head_dim // 2], x[..., self.head_dim // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+  def forward(self, hidden_states, input_embeds, positions):
+    """hidden_states [b, s, k*d] (target layers) or [b, s, d] (fed back, fc skipped as in
+    EAGLE-3), input_embeds [b, s, d], positions [b, s]; causal. Returns (out [b, s, d],
+    logits [b, s, draft_vocab])."""
+    if hidden_states.shape[-1] != input_embeds.shape[-1]:
+      hidden_states = self.fc(hidden_states)
+    m, b, s = self.midlayer, hidden_states.shape[0], hidden_states.shape[1]
+    residual = hidden_states
+    x = torch.cat([m.input_layernorm(input_embeds), m.hidden_norm(hidden_states)], -1)
+    split = lambda t, n: t.view(b, s, n, self.head_dim).transpose(1, 2)
+    q = self._rope(split(m.self_attn.q_proj(x), self.heads), positions)
+    k = self._rope(split(m.self_attn.k_proj(x), self.kv_heads), positions)
+    v = split(m.self_attn.v_proj(x), self.kv_heads)
+    rep = self.heads // self.kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    h = residual + m.self_attn.o_proj(att.transpose(1, 2).reshape(b, s, -1))
+    out = h + m.mlp.down_proj(torch.nn.functional.silu(m.mlp.gate_proj(
+        m.post_attention_layernorm(h))) * m.mlp.up_proj(m.post_attention_layernorm(h)))
+    return out, self.lm_head(self.norm(out))
+
+
+def make_eagle3_reference(hidden=32, heads=4, kv_heads=2, inter=48, vocab=64, draft_vocab=24,
+                          seed=0):
+  """A random EAGLE-3 head (norm weights perturbed so they matter) with a hot map of
+  `draft_vocab` ids (every other id from 1, then the lowest unused ones)."""
+  torch.manual_seed(seed)
+  model = Eagle3Reference(hidden, heads, kv_heads, inter, vocab, draft_vocab).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim == 1:
+        p.normal_(1.0, 0.2)
+      else:
+        p.normal_(0.0, 0.15)
+    ids = torch.arange(1, vocab, 2)[:draft_vocab]
+    if ids.numel() < draft_vocab:
+      rest = torch.tensor([i for i in range(vocab) if i not in set(ids.tolist())])
+      ids = torch.sort(torch.cat([ids, rest[:draft_vocab - ids.numel()]])).values
+    model.d2t.copy_(ids - torch.arange(draft_vocab))
+    model.t2d.zero_()
+    model.t2d[ids] = True
+  return model
+
+
+def save_eagle3_reference(model, out_dir: str, num_layers_key: list | None = None) -> str:
+  """config.json in the published EAGLE-3 form (a LlamaConfig + draft_vocab_size) and the
+  state dict as model.safetensors."""
+  from safetensors.torch import save_file
+  os.makedirs(out_dir, exist_ok=True)
+  cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+         "hidden_size": model.hidden, "intermediate_size": model.midlayer.mlp.gate_proj.out_features,
+         "num_attention_heads": model.heads, "num_key_value_heads": model.kv_heads,
+         "num_hidden_layers": 1, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+         "rope_theta": model.theta, "max_position_embeddings": 256,
+         "vocab_size": model.t2d.numel(), "draft_vocab_size": model.lm_head.out_features,
+         "tie_word_embeddings": False, "torch_dtype": "float32"}
+  if num_layers_key is not None:
+    cfg["eagle_aux_hidden_state_layer_ids"] = num_layers_key
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+            os.path.join(out_dir, "model.safetensors"))
+  return out_dir

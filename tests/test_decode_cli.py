@@ -312,7 +312,7 @@ def test_default_stop_ids_read_generation_config(tmp_path):
 
 @pytest.mark.parametrize("key,value,match", [
     ("decode.method", "medusa",
-     r"decode.method='medusa' is not supported \(supported: eagle, fspad, vanilla\)"),
+     r"decode.method='medusa' is not supported \(supported: eagle, eagle3, fspad, vanilla\)"),
     ("decode.top_p", 0.0, r"decode.top_p=0.0: expected a finite number > 0.0 and <= 1.0"),
     ("decode.temperature", -1.0, r"decode.temperature=-1.0: expected a finite number >= 0"),
     ("decode.max_new_tokens", 0, "decode.max_new_tokens"),
@@ -380,7 +380,7 @@ def test_cli_error_is_one_line(tmp_path):
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1] == (
       "decode.py: error: config key decode.method='fspad2' is not supported "
-      "(supported: eagle, fspad, vanilla)")
+      "(supported: eagle, eagle3, fspad, vanilla)")
   assert "Traceback" not in r.stderr
 
 

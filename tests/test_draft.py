@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from fspad_jax.config import ConfigError
-from fspad_jax.draft import (DRAFT_KINDS, DraftConfig, draft_config_from_target, draft_step,
+from fspad_jax.draft import (DRAFT_KINDS, EAGLE_LAYOUT_KINDS, DraftConfig, draft_config_from_target, draft_step,
                              init_draft, init_draft_cache)
 from fspad_jax.model import init_model, rope_inverse_frequencies
 from fspad_jax.tiny_checkpoint import tiny_config
@@ -128,7 +128,7 @@ def test_tree_block_equals_each_path(kind):
 
 
 def test_shapes_default_to_target():
-  for kind in DRAFT_KINDS:
+  for kind in EAGLE_LAYOUT_KINDS:  # eagle3 / fspad3: tests/test_eagle3.py
     cfg = draft_config_from_target(TARGET, kind)
     assert (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             cfg.intermediate_size, cfg.rms_norm_eps, cfg.rope, cfg.dtype) == (
@@ -231,7 +231,7 @@ def _reference(cfg: DraftConfig, p, f, e):
   return o, o
 
 
-@pytest.mark.parametrize("kind", DRAFT_KINDS)
+@pytest.mark.parametrize("kind", EAGLE_LAYOUT_KINDS)  # eagle3: the torch reference, test_eagle3
 def test_formulas_by_hand(kind):
   cfg, graphdef, params = make(kind)
   p = {path: np.asarray(v.get_value(), np.float64) for path, v in nnx.to_flat_state(params)}

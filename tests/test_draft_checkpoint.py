@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fspad_jax.draft import DRAFT_KINDS, draft_config_from_target, init_draft, init_draft_cache
+from fspad_jax.draft import EAGLE_LAYOUT_KINDS, draft_config_from_target, init_draft, init_draft_cache
 from fspad_jax.draft_checkpoint import (DraftCheckpointError, draft_tensor_mappings, load_draft,
                                         save_draft)
 from fspad_jax.safetensors_io import SafetensorsFile, write_safetensors
@@ -74,7 +74,7 @@ def read_tensors(draft_dir):
   return {n: np.array(st.view(n)) for n in st.names()}
 
 
-@pytest.mark.parametrize("kind", DRAFT_KINDS)
+@pytest.mark.parametrize("kind", EAGLE_LAYOUT_KINDS)
 def test_round_trip(kind, tmp_path):
   cfg, graphdef, params = random_draft(kind)
   save_draft(str(tmp_path), cfg, params)

@@ -682,7 +682,7 @@ def test_cli_bad_config_is_one_line_error(assets, tmp_path):
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert lines == ["train.py: error: config key draft.kind='x': expected one of eagle, fspad, "
-                   "fs_only, pad_only"], proc.stderr[-3000:]
+                   "fs_only, pad_only, eagle3, fspad3"], proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- 8. CLI

@@ -94,7 +94,8 @@ def _build_speculative(engine: "DecodeEngine", graphdef, params):
 
 
 METHODS: dict[str, MethodBuilder] = {
-    "vanilla": _build_vanilla, "eagle": _build_speculative, "fspad": _build_speculative}
+    "vanilla": _build_vanilla, "eagle": _build_speculative, "fspad": _build_speculative,
+    "eagle3": _build_speculative}
 assert set(METHODS) == set(METHOD_NAMES), "settings.METHOD_NAMES lists every method"
 
 
