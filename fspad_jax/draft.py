@@ -169,14 +169,19 @@ class DraftLayer(nnx.Module):
 
   def __call__(self, x: Array, cache: KVCache, att: AttentionInputs):
     h, cache = self.attn(x, cache, 0, att)
+    return (*self.finish(x, h), cache)
+
+  def finish(self, x: Array, h: Array) -> tuple[Array, Array]:
+    """The layer after attention: x, h [batch, seq, embed] (input, attention output) ->
+    (predict, regress)."""
     a = x + h  # [batch, seq, embed]: post-attention hidden state
     update = self.mlp(self.post_attn_norm(a))  # [batch, seq, embed or 2*embed]
     if not self.split_output:
       out = a + update
-      return out, out, cache
+      return out, out
     d = a.shape[-1]
     out = jnp.concatenate([a, a], axis=-1) + update  # [batch, seq, 2*embed]
-    return out[..., :d], out[..., d:], cache
+    return out[..., :d], out[..., d:]
 
 
 class Draft(nnx.Module):
