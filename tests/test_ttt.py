@@ -235,7 +235,7 @@ def loop_config(assets, **train):
   config = load_repo_config("tiny")
   config.target.path, config.data.path = assets["model"], assets["data"]
   config.data.max_len, config.data.prepared_dir = 32, assets["prepared"]
-  config.train.update({"eval_every": 0, "tensorboard": False, "depths": 2, "global_batch": 4,
+  config.train.update({"eval_every": 0, "tensorboard": False, "depths": 1, "global_batch": 4,
                        "log_every": 2, "checkpoint_every": 2, "warmup_steps": 0, **train})
   return config
 
