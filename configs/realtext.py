@@ -135,6 +135,7 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
           "warmup_steps": max(steps // 10, 1), "decay": "linear", "b1": 0.9, "b2": 0.95,
           "weight_decay": 0.0, "clip": "value", "clip_value": 0.5, "w_reg": 1.0,
           "w_cls": 0.1, "noise": 0.2, "seed": 0,
+          "ttt_steps": 1, "ttt_weights": (),  # training-time test: 1 = teacher forcing
           "depths": depths,  # top-1/top-3 agreement at draft depths 1..depths
           "log_every": max(steps // 2, 1), "eval_every": steps,  # validation at the end
           # The agreement pass attends over (depths + 1) x max_len cached slots: its scores

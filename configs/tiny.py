@@ -102,6 +102,10 @@ def train_config() -> ml_collections.ConfigDict:
   c.clip_value = 0.5
   c.w_reg, c.w_cls = 1.0, 0.1
   c.noise = 0.2
+  # Training-time test (EAGLE-3): the draft unrolled on its own features for ttt_steps
+  # steps (1 = teacher forcing), one loss per step weighted by ttt_weights (() = 0.8^k).
+  c.ttt_steps = 1
+  c.ttt_weights = ()
   c.seed = 0
   c.depths = 5  # agreement measured at draft depths 1..depths
   c.log_every = 20

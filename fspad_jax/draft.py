@@ -266,15 +266,24 @@ class DraftLayer(nnx.Module):
                    d_out=2 * d if split_output else None)
 
   def __call__(self, x: Array, cache: KVCache, att: AttentionInputs):
-    h, cache = self.attn(x, cache, 0, att)
+    h, cache = self.attn(self.attention_input(x), cache, 0, att)
+    return (*self.finish(x, h), cache)
+
+  def attention_input(self, x: Array) -> Array:
+    """What the attention projects: the layer input itself (no input RMSNorm)."""
+    return x
+
+  def finish(self, x: Array, h: Array) -> tuple[Array, Array]:
+    """The layer after attention: x, h [batch, seq, embed] (input, attention output) ->
+    (predict, regress)."""
     a = x + h  # [batch, seq, embed]: post-attention hidden state
     update = self.mlp(self.post_attn_norm(a))  # [batch, seq, embed or 2*embed]
     if not self.split_output:
       out = a + update
-      return out, out, cache
+      return out, out
     d = a.shape[-1]
     out = jnp.concatenate([a, a], axis=-1) + update  # [batch, seq, 2*embed]
-    return out[..., :d], out[..., d:], cache
+    return out[..., :d], out[..., d:]
 
 
 class Eagle3Layer(nnx.Module):
@@ -292,13 +301,19 @@ class Eagle3Layer(nnx.Module):
     self.final_norm = RMSNorm(d, eps, dt, rngs)  # EAGLE-3's `norm`, before its LM head
 
   def __call__(self, x: Array, cache: KVCache, att: AttentionInputs):
+    h, cache = self.attn(self.attention_input(x), cache, 0, att)
+    return (*self.finish(x, h), cache)
+
+  def attention_input(self, x: Array) -> Array:
+    """x = [e; f] [batch, seq, 2*embed] -> [RMSNorm_in(e); RMSNorm_hidden(f)] (same shape)."""
     d = x.shape[-1] // 2
-    emb, feat = x[..., :d], x[..., d:]
-    normed = jnp.concatenate([self.input_norm(emb), self.hidden_norm(feat)], axis=-1)  # [b,s,2d]
-    h, cache = self.attn(normed, cache, 0, att)
-    a = feat + h  # [batch, seq, embed]
+    return jnp.concatenate([self.input_norm(x[..., :d]), self.hidden_norm(x[..., d:])], axis=-1)
+
+  def finish(self, x: Array, h: Array) -> tuple[Array, Array]:
+    """After attention: x [batch, seq, 2*embed], h [batch, seq, embed] -> (predict, regress)."""
+    a = x[..., x.shape[-1] // 2:] + h  # [batch, seq, embed]: residual on the feature
     out = a + self.mlp(self.post_attn_norm(a))
-    return self.final_norm(out), out, cache
+    return self.final_norm(out), out
 
 
 class Draft(nnx.Module):

@@ -187,20 +187,23 @@ class Attention(nnx.Module):
     if cfg.o_bias:
       self.o_bias = _param(rngs, "norm", (d,), dt, init="zeros")
 
+  def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+    """x [batch, seq, embed] -> RoPE'd q [batch, seq, heads, head_dim] and RoPE'd k, plain v
+    [batch, seq, kv_heads, head_dim]."""
+    q = jnp.einsum("bsd,dhk->bshk", x, kernel(self, "q_kernel", x.dtype))  # [b, s, h, hd]
+    kv = jnp.einsum("bsd,dckh->bsckh", x, kernel(self, "kv_kernel", x.dtype))  # [b,s,2,kvh,hd]
+    if self.cfg.qkv_bias:
+      q = q + self.q_bias[...]
+      kv = kv + self.kv_bias[...]
+    k, v = kv[:, :, 0], kv[:, :, 1]  # [batch, seq, kv_heads, head_dim]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
   def __call__(self, x: Array, cache: KVCache | None, layer: int, att: AttentionInputs
                ) -> tuple[Array, KVCache | None]:
     """x: [batch, seq, embed]. Writes this block's K/V into layer `layer` of the cache, then
     attends over the cache (or, without a cache, over the block). Returns (out, cache)."""
     cfg = self.cfg
-    q = jnp.einsum("bsd,dhk->bshk", x, kernel(self, "q_kernel", x.dtype))  # [b, s, h, hd]
-    kv = jnp.einsum("bsd,dckh->bsckh", x, kernel(self, "kv_kernel", x.dtype))  # [b,s,2,kvh,hd]
-    if cfg.qkv_bias:
-      q = q + self.q_bias[...]
-      kv = kv + self.kv_bias[...]
-    k, v = kv[:, :, 0], kv[:, :, 1]  # [batch, seq, kv_heads, head_dim]
-    q = apply_rope(q, att.cos, att.sin)
-    k = apply_rope(k, att.cos, att.sin)
-
+    q, k, v = self.project(x, att.cos, att.sin)
     batch, seq = x.shape[:2]
     if cache is None:
       keys, values = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [batch, kv_heads, seq, head_dim]

@@ -6,6 +6,8 @@ One jitted step (`make_train_step`) does, for a global batch split into micro-ba
      w_reg * SmoothL1(regress(j), f(j+1)) + w_cls * softCE(LMhead(predict(j)), softmax(LMhead(f(j+1))))
   -> gradients of the draft only (accumulated over micro-batches) -> optax update.
 Position j is trained iff token j+1 is an assistant token (`loss_mask[j+1]`) inside the row.
+With training-time test (`LossConfig.ttt_steps` > 1, fspad_jax.ttt) the draft forward is
+unrolled on its own features and the loss is a weighted sum over the steps (`draft_loss`).
 
 Per-depth agreement (`make_agreement_fn`) feeds the draft its own features back as at
 inference: pass k predicts, for every anchor j, the draft's k-th step after committing
@@ -33,6 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fspad_jax import ttt
 from fspad_jax.config import ModelConfig
 from fspad_jax.draft import Draft, DraftConfig, abstract_draft, draft_logits, init_draft
 from fspad_jax.hf_checkpoint import param_shardings
@@ -49,6 +52,18 @@ class LossConfig:
   w_cls: float = 0.1  # soft cross-entropy of the draft's token distribution
   noise: float = 0.2  # EAGLE's uniform feature noise: (U(0,1) - 0.5) * noise * 512 / max_len
   smooth_l1_beta: float = 1.0
+  ttt_steps: int = 1  # training-time test: draft steps unrolled on its own features (ttt.py)
+  ttt_weights: tuple = ()  # loss weight per step; () = 0.8^(k-1) (EAGLE-3)
+
+  @property
+  def step_weights(self) -> tuple[float, ...]:
+    return ttt.step_weights(self.ttt_steps, self.ttt_weights)
+
+  def sum_keys(self) -> tuple[str, ...]:
+    """The keys of draft_loss's sums: step 1's plain names, then *_step{k} for k >= 2."""
+    per_step = ("reg_sum", "cls_sum", "top1_sum", "weight")
+    later = tuple(f"{n}_step{k}" for k in range(2, self.ttt_steps + 1) for n in per_step)
+    return per_step + ("tokens",) + later
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,21 +178,19 @@ def shifted_embeddings(target: Transformer, input_ids: Array) -> Array:
   return jax.lax.stop_gradient(jnp.pad(emb, ((0, 0), (0, 1), (0, 0))))
 
 
-def _draft_plain_forward(draft: Draft, features: Array, embeddings: Array):
-  """One cache-less causal pass of the draft over a whole sequence -> (predict, regress)."""
-  batch, seq = features.shape[:2]
-  positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  layer_cfg = draft.cfg.layer_config
-  cos, sin = rope_tables(layer_cfg, positions)
-  causal = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
-  x = draft.fuse_inputs(features, embeddings)
-  predict, regress, _ = draft.layer(x, None, AttentionInputs(cos, sin, causal, None))
-  return predict, regress
-
-
 def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_cfg: LossConfig,
                hot_ids=None) -> tuple[Array, dict]:
   """Loss of one micro-batch and its metrics (unnormalized sums, for exact accumulation).
+
+  The draft is unrolled loss_cfg.ttt_steps times (fspad_jax.ttt; 1 = teacher forcing). At
+  every step k, position j (the chain's k-th step from anchor j-k+1) is trained toward the
+  target after token j+1: its `regress` toward the fused true feature fuse(taps(j+1))
+  (regression_targets; f(j+1) for one feature layer) by SmoothL1 (for FSPAD and PAD-only,
+  PAD's regressed half; EAGLE's single output otherwise; weight 0 for 'eagle3') and its
+  token distribution toward the target's (token_terms) by soft cross-entropy. Loss =
+  sum_k weight_k * (w_reg * reg_k + w_cls * cls_k) / N: per-step sums over trained positions
+  with an anchor >= 0, all divided by step 1's count N of trained positions. Sums: step 1
+  under reg_sum, cls_sum, top1_sum, weight; step k >= 2 under the same names + _step{k}.
   hot_ids: an own-head draft's hot vocabulary (token_terms)."""
   input_ids, loss_mask, lengths = batch["input_ids"], batch["loss_mask"], batch["length"]
   tgt = target_outputs(target, input_ids, loss_mask, lengths, draft.cfg.feature_layers)
@@ -185,19 +198,25 @@ def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_
   taps = tgt.taps.astype(jnp.float32)  # [batch, seq, k*embed]: noised, then fused by the draft
   noise = (jax.random.uniform(rng, taps.shape) - 0.5) * loss_cfg.noise * 512.0 / seq
   embeddings = shifted_embeddings(target, input_ids)
-  predict, regress = _draft_plain_forward(draft, (taps + noise), embeddings)
+  steps = ttt.unrolled_forward(draft, taps + noise, embeddings, loss_cfg.ttt_steps)
   next_feats = regression_targets(draft, tgt)  # fuse(taps(j+1)) at j
-  w = tgt.weights  # [batch, seq]
-  reg = jnp.mean(smooth_l1(regress.astype(jnp.float32), next_feats, loss_cfg.smooth_l1_beta),
-                 axis=-1)  # [batch, seq]
-  cls, top1, w_tok, _ = token_terms(draft, target, predict, tgt, hot_ids)
-  sums = {"reg_sum": jnp.sum(reg * w), "cls_sum": jnp.sum(cls * w_tok),
-          "top1_sum": jnp.sum(top1 * w), "weight": jnp.sum(w),
-          "tokens": jnp.sum(lengths).astype(jnp.float32)}
-  denom = jnp.maximum(jnp.sum(w), 1.0)
   w_reg = regression_weight(draft.cfg, loss_cfg)
-  loss = (w_reg * sums["reg_sum"] + loss_cfg.w_cls * sums["cls_sum"]) / denom
-  return loss, sums
+  j = jnp.arange(seq)[None]
+  sums = {"tokens": jnp.sum(lengths).astype(jnp.float32)}
+  loss = jnp.zeros((), jnp.float32)
+  for k, (step, step_weight) in enumerate(zip(steps, loss_cfg.step_weights), start=1):
+    anchored = (j >= k - 1).astype(jnp.float32)  # [1, seq]: a chain anchor >= 0
+    w = tgt.weights * anchored  # [batch, seq]
+    reg = jnp.mean(smooth_l1(step.regress.astype(jnp.float32), next_feats,
+                             loss_cfg.smooth_l1_beta), axis=-1)  # [batch, seq]
+    cls, top1, w_tok, _ = token_terms(draft, target, step.predict, tgt, hot_ids)
+    suffix = "" if k == 1 else f"_step{k}"
+    step_sums = {"reg_sum": jnp.sum(reg * w), "cls_sum": jnp.sum(cls * w_tok * anchored),
+                 "top1_sum": jnp.sum(top1 * w), "weight": jnp.sum(w)}
+    sums.update({name + suffix: v for name, v in step_sums.items()})
+    loss = loss + step_weight * (w_reg * step_sums["reg_sum"]
+                                 + loss_cfg.w_cls * step_sums["cls_sum"])
+  return loss / jnp.maximum(sums["weight"], 1.0), sums
 
 
 class TrainState(NamedTuple):
@@ -285,8 +304,7 @@ def make_train_step(setup: TrainSetup, state_shardings: TrainState, micro_batch:
               jax.tree.map(jnp.add, sums_acc, sums), i + 1), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_sums = {k: jnp.zeros((), jnp.float32)
-                 for k in ("reg_sum", "cls_sum", "top1_sum", "weight", "tokens")}
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in loss_cfg.sum_keys()}
     (grads, sums, _), _ = jax.lax.scan(micro_grads, (zeros, zero_sums, jnp.int32(0)), batch)
     denom = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -295,8 +313,17 @@ def make_train_step(setup: TrainSetup, state_shardings: TrainState, micro_batch:
     metrics = {"loss_reg": sums["reg_sum"] / denom, "loss_cls": sums["cls_sum"] / denom,
                "top1": sums["top1_sum"] / denom, "grad_norm": optax.tree.norm(grads),
                "trained_tokens": sums["weight"], "tokens": sums["tokens"]}
-    metrics["loss"] = (regression_weight(setup.draft_cfg, loss_cfg) * metrics["loss_reg"]
-                       + loss_cfg.w_cls * metrics["loss_cls"])
+    w_reg = regression_weight(setup.draft_cfg, loss_cfg)
+    loss = loss_cfg.step_weights[0] * (w_reg * sums["reg_sum"]
+                                       + loss_cfg.w_cls * sums["cls_sum"])
+    for k in range(2, loss_cfg.ttt_steps + 1):  # per-step means over that step's positions
+      n_k = jnp.maximum(sums[f"weight_step{k}"], 1.0)
+      metrics[f"loss_reg_step{k}"] = sums[f"reg_sum_step{k}"] / n_k
+      metrics[f"loss_cls_step{k}"] = sums[f"cls_sum_step{k}"] / n_k
+      metrics[f"top1_step{k}"] = sums[f"top1_sum_step{k}"] / n_k
+      loss += loss_cfg.step_weights[k - 1] * (w_reg * sums[f"reg_sum_step{k}"]
+                                              + loss_cfg.w_cls * sums[f"cls_sum_step{k}"])
+    metrics["loss"] = loss / denom  # the objective draft_loss minimizes
     return TrainState(params, opt_state, state.step + 1), metrics
 
   batch_sh = {"input_ids": setup.batch_sharding(3, micro=True),
@@ -392,17 +419,18 @@ def summarize_agreement(sums: dict, depths: int) -> dict:
   return out
 
 
-def flops_per_step(target_cfg: ModelConfig, draft_cfg: DraftConfig, tokens: int, seq: int
-                   ) -> float:
+def flops_per_step(target_cfg: ModelConfig, draft_cfg: DraftConfig, tokens: int, seq: int,
+                   ttt_steps: int = 1) -> float:
   """Model FLOPs of one step: target forward (incl. its LM head for the soft targets) plus
-  draft forward + backward (incl. the frozen LM head's forward and input-gradient)."""
+  draft forward + backward (incl. the frozen LM head's forward and input-gradient), once
+  per training-time-test step."""
   d, v = target_cfg.hidden_size, target_cfg.vocab_size
   target_body = target_cfg.num_params - v * d * (1 if target_cfg.tie_word_embeddings else 2)
   attn = 4 * seq * target_cfg.num_heads * target_cfg.head_dim  # per token per layer, QK + PV
   target_flops = tokens * (2 * target_body + 2 * d * v + target_cfg.num_layers * attn)
   draft_attn = 4 * seq * draft_cfg.num_heads * draft_cfg.head_dim
   draft_flops = tokens * (6 * draft_cfg.num_params + 3 * draft_attn + 4 * d * v)
-  return float(target_flops + draft_flops)
+  return float(target_flops + ttt_steps * draft_flops)
 
 
 def stack_micro_batches(batch: dict, grad_accum: int) -> dict:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from fspad_jax import console
 from fspad_jax import data as data_lib
-from fspad_jax import hot_vocab, train_lib
+from fspad_jax import hot_vocab, train_lib, ttt
 from fspad_jax.config import ConfigError, load_hf_config
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft, draft_config_from_target
 from fspad_jax.hf_checkpoint import resolve_model_dir
@@ -79,6 +79,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"mesh's data x fsdp = {data_ways} devices")
   if t.steps < 1:
     raise ConfigError(f"train.steps={t.steps} must be >= 1")
+  ttt.step_weights(t.get("ttt_steps", 1), t.get("ttt_weights", ()))  # one-line ConfigError
   target_cfg = load_hf_config(config.target.path)
   hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
   draft_config(config, target_cfg)  # feature layers the target lacks, own-head vocabulary
@@ -134,7 +135,9 @@ def build_setup(config, target: Target) -> train_lib.TrainSetup:
       target_cfg=target.cfg, target_graphdef=target.graphdef, target_params=target.params,
       draft_cfg=dcfg, draft_graphdef=graphdef, mesh=target.mesh, rules=target.rules,
       optimizer=optimizer, learning_rate=schedule,
-      loss_cfg=train_lib.LossConfig(w_reg=t.w_reg, w_cls=t.w_cls, noise=t.noise),
+      loss_cfg=train_lib.LossConfig(w_reg=t.w_reg, w_cls=t.w_cls, noise=t.noise,
+                                    ttt_steps=t.get("ttt_steps", 1),
+                                    ttt_weights=tuple(t.get("ttt_weights", ()))),
       grad_accum=t.grad_accum, seed=t.seed)
 
 
@@ -231,6 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                         f"but draft.feature_layers gives {list(setup.draft_cfg.feature_layers)}: "
                         "use another workdir")
     _warn_on_changed_schedule(saved_meta.get("config", {}).get("train", {}), t)
+    _warn_on_changed_loss(saved_meta.get("config", {}).get("train", {}), setup.loss_cfg)
     try:
       batches.set_state(data_state)
     except ValueError as e:
@@ -245,7 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       json.dump(dataclasses.asdict(setup.draft_cfg), f, indent=2)
 
   peak = _peak_flops(t.peak_flops_per_device)
-  flops = train_lib.flops_per_step(target.cfg, setup.draft_cfg, t.global_batch * seq, seq)
+  flops = train_lib.flops_per_step(target.cfg, setup.draft_cfg, t.global_batch * seq, seq,
+                                   setup.loss_cfg.ttt_steps)
   start_step = int(jax.device_get(state.step))
   bar = console.progress(t.steps, f"train {setup.draft_cfg.kind}", "step", initial=start_step,
                          enabled=progress and not jax.process_index())
@@ -310,3 +315,13 @@ def _warn_on_changed_schedule(saved: dict, current) -> None:
   if changed:
     logger.warning("resuming with changed train settings %s (saved, now): the learning-rate "
                    "schedule and optimizer continue under the new values", changed)
+
+
+def _warn_on_changed_loss(saved: dict, loss_cfg: train_lib.LossConfig) -> None:
+  """Training-time-test settings change only the loss: a resumed run continues under the
+  new ones (a checkpoint saved before they existed was trained with 1 step)."""
+  before = (saved.get("ttt_steps", 1), tuple(saved.get("ttt_weights", ())))
+  now = (loss_cfg.ttt_steps, tuple(loss_cfg.ttt_weights))
+  if before != now:
+    logger.warning("resuming with changed train.ttt_steps/ttt_weights %s -> %s: training "
+                   "continues with the new unrolled loss", before, now)

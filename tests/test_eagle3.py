@@ -18,7 +18,7 @@ from test_speculative import (SAMPLED_PROMPT, SAMPLED_ROUNDS, SAMPLED_ROWS,  # n
                               exact_first_tokens_distribution, random_prompts,
                               sample_first_tokens)
 
-from fspad_jax import train_lib  # noqa: E402
+from fspad_jax import train_lib, ttt  # noqa: E402
 from fspad_jax.config import ConfigError, ModelConfig, RopeConfig  # noqa: E402
 from fspad_jax.draft import (abstract_draft, draft_config_from_target,  # noqa: E402
                              eagle3_feature_layers, init_draft)
@@ -123,8 +123,8 @@ def test_default_feature_layers_keep_todays_params_and_loss(target):
   # The formula as it was: features + noise in, f(j+1) regressed, soft CE on the target head.
   feats, _ = model.features(batch["input_ids"], jnp.broadcast_to(jnp.arange(12), (2, 12)), None)
   noise = (jax.random.uniform(rng, feats.shape) - 0.5) * 0.3 * 512.0 / 12
-  predict, regress = train_lib._draft_plain_forward(
-      draft, feats + noise, train_lib.shifted_embeddings(model, batch["input_ids"]))
+  predict, regress = ttt.unrolled_forward(  # ttt_steps 1: the plain causal pass
+      draft, feats + noise, train_lib.shifted_embeddings(model, batch["input_ids"]), 1)[0]
   tgt = train_lib.target_outputs(model, batch["input_ids"], batch["loss_mask"], batch["length"])
   nxt = jnp.pad(feats[:, 1:], ((0, 0), (0, 1), (0, 0)))
   reg = jnp.mean(train_lib.smooth_l1(regress, nxt, 1.0), -1)

@@ -31,7 +31,7 @@ from fspad_jax.draft import DRAFT_KINDS, draft_config_from_target, init_draft, i
 from fspad_jax.target import Target
 from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_conversations, tiny_config
 from process_group import ProcessGroup
-from train_runner import (LOOP_MAX_LEN, flat_params, step_batch,
+from train_runner import (LOOP_MAX_LEN, TTT_STEPS, flat_params, step_batch,
                           step_config, train_loop_config, train_steps)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -534,7 +534,9 @@ def runner_cmd(assets, out, devices, *extra):
 
 
 MULTI_DEVICE_TESTS = ("test_eight_simulated_devices_match_one", "test_two_processes_match_one",
-                      "test_batch_not_divisible_by_data_axes")
+                      "test_batch_not_divisible_by_data_axes",
+                      "test_eight_simulated_devices_match_one_with_ttt")
+TTT_MESH = "2,2,2"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -554,6 +556,7 @@ def multi_device_jobs(compilation_cache, tmp_path_factory, request):
   with open(root / "eight.log", "w") as log:  # a file: no pipe to fill up
     eight = subprocess.Popen(
         runner_cmd(assets, root / "eight.npz", 8, "--meshes", *MESHES, "--check_validation",
+                   "--ttt_meshes", TTT_MESH,
                    "--train_workdir", str(root / "eight")),
         env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -608,9 +611,25 @@ def test_eight_simulated_devices_match_one(one_device_steps, eight_devices):
     assert_trees_close(params, expected, atol=2e-5, what=f"mesh {mesh}")
 
 
+def test_eight_simulated_devices_match_one_with_ttt(assets, target, eight_devices):
+  """The training-time-test loss (ttt_steps=3) on a (2, 2, 2) mesh == on 1 device."""
+  results, _ = eight_devices
+  config = step_config(assets["model"], (1, 1, 1), ttt_steps=TTT_STEPS)
+  _, state, history = train_steps(config, steps=2, batch=step_batch(target.cfg.vocab_size),
+                                  target=target)
+  for i, metrics in enumerate(history):
+    assert f"loss_cls_step{TTT_STEPS}" in metrics
+    for k in ("loss", "loss_reg", "loss_cls", "grad_norm", f"loss_reg_step{TTT_STEPS}"):
+      np.testing.assert_allclose(results[f"ttt/{TTT_MESH}/{k}_{i}"], metrics[k], rtol=1e-5,
+                                 err_msg=f"step {i} {k}")
+  prefix = f"ttt/{TTT_MESH}/param/"
+  params = {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
+  assert_trees_close(params, flat_params(state.params), atol=2e-5, what="ttt params")
+
+
 def test_two_processes_match_one(assets, target, eight_devices, multi_device_jobs):
   """trainer.train on 2 processes x 4 devices (jax.distributed, gloo) == 1 x 8: logged
-  losses and agreement, and the final checkpoint."""
+  losses and agreement, and the final checkpoint (train_loop_config: ttt_steps=2)."""
   _, workdir_8 = eight_devices
   workdir = finished_two(multi_device_jobs)
   for split in ("train", "eval"):

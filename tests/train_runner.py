@@ -20,8 +20,11 @@ BATCH, SEQ = 16, 16  # global batch: 8 rows per micro-batch at grad_accum 2
 LOOP_MAX_LEN = 48  # tests/test_train.py prepares its data at this length
 
 
+TTT_STEPS = 3  # the training-time-test case compared across meshes
+
+
 def step_config(model_dir: str, mesh_shape, grad_accum: int = 2, kind: str = "fspad",
-                global_batch: int = BATCH):
+                global_batch: int = BATCH, ttt_steps: int = 1):
   """configs/tiny.py for a few deterministic steps: no noise, no warmup, no clipping."""
   from fspad_jax.config import load_repo_config
   config = load_repo_config("tiny")
@@ -32,6 +35,7 @@ def step_config(model_dir: str, mesh_shape, grad_accum: int = 2, kind: str = "fs
   t.global_batch, t.grad_accum = global_batch, grad_accum
   t.learning_rate, t.warmup_steps, t.decay = 1e-3, 0, "constant"
   t.clip, t.noise = "none", 0.0
+  t.ttt_steps = ttt_steps
   return config
 
 
@@ -102,6 +106,7 @@ def train_loop_config(model_dir: str, data_path: str, prepared_dir: str, mesh_sh
   t = config.train
   t.steps, t.log_every, t.eval_every, t.checkpoint_every = 4, 2, 4, 2
   t.eval_batches, t.depths, t.tensorboard, t.warmup_steps = 1, 1, False, 0
+  t.ttt_steps = 2  # the unrolled loss on 2 processes and on 8 devices
   return config
 
 
@@ -111,6 +116,7 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--devices", type=int, default=8)
   ap.add_argument("--meshes", nargs="*", default=[])
+  ap.add_argument("--ttt_meshes", nargs="*", default=[])  # also with ttt_steps=TTT_STEPS
   ap.add_argument("--num_processes", type=int, default=1)
   ap.add_argument("--process_id", type=int, default=0)
   ap.add_argument("--coordinator", default=None)
@@ -133,6 +139,10 @@ def main():
     shape = tuple(int(x) for x in m.split(","))
     for k, v in run_steps(step_config(args.model_dir, shape)).items():
       results[f"{m}/{k}"] = v
+  for m in args.ttt_meshes:
+    shape = tuple(int(x) for x in m.split(","))
+    for k, v in run_steps(step_config(args.model_dir, shape, ttt_steps=TTT_STEPS)).items():
+      results[f"ttt/{m}/{k}"] = v
   if args.check_validation:  # errors that need more than one device
     from fspad_jax import trainer
     from fspad_jax.config import ConfigError
