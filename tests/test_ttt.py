@@ -21,8 +21,8 @@ from flax import nnx
 from fspad_jax import data as data_lib
 from fspad_jax import speculative, train_lib, trainer, ttt
 from fspad_jax.config import ConfigError, load_repo_config
-from fspad_jax.draft import (DRAFT_KINDS, draft_config_from_target, draft_logits, init_draft,
-                             init_draft_cache)
+from fspad_jax.draft import (DRAFT_KINDS, draft_config_from_target, init_draft,
+                             init_draft_cache, token_logits)
 from fspad_jax.model import AttentionInputs, init_model, rope_tables
 from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_conversations, tiny_config
 
@@ -92,7 +92,8 @@ def decode_chain(draft, model, feats, ids, anchors, steps: int):
     x = draft.fuse_inputs(feature[:, None], model.embed(token_at(pos + 1)))
     predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, write))
     feature = regress[:, 0]
-    results.append((jax.nn.log_softmax(draft_logits(model, predict[:, 0]), -1), feature))
+    logits = token_logits(draft, model, predict[:, 0])  # own head for 'eagle3'
+    results.append((jax.nn.log_softmax(logits, -1), feature))
   return results
 
 
@@ -129,7 +130,8 @@ def test_unrolled_forward_matches_decoding_step_by_step(model, batch, kind):
       where = f"{kind} anchors {anchors.tolist()} step {k}"
       unrolled = steps[k - 1]
       assert_close(unrolled.regress[rows, j], regress, where + " regress")
-      assert_close(jax.nn.log_softmax(draft_logits(model, unrolled.predict[rows, j]), -1),
+      logits = token_logits(draft, model, unrolled.predict[rows, j])
+      assert_close(jax.nn.log_softmax(logits, -1),
                    logp, where + " log-probs")
       changed += int(np.abs(unrolled.regress[rows, j] - steps[0].regress[rows, j]).max() > 1e-2)
   assert changed >= 3 * (STEPS - 1)  # fed-back features differ from teacher forcing
