@@ -54,6 +54,7 @@ class DraftConfig:
   vocab_size: int = 0  # the target's (for config.json export and checks); 0 = unknown
   max_position_embeddings: int = 4096
   hot_vocab_size: int = 0  # N hot token ids the draft proposes (fspad_jax.hot_vocab); 0 = all
+  qkv_bias: bool = False  # q/k/v projection biases (imported Qwen2 EAGLE heads: "qkv_bias")
 
   def __post_init__(self):
     if self.hot_vocab_size < 0 or (self.vocab_size and self.hot_vocab_size > self.vocab_size):
@@ -85,13 +86,16 @@ class DraftConfig:
         vocab_size=max(self.vocab_size, 1), hidden_size=self.hidden_size,
         intermediate_size=self.intermediate_size, num_layers=1, num_heads=self.num_heads,
         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-        rope=self.rope, max_position_embeddings=self.max_position_embeddings, dtype=self.dtype)
+        rope=self.rope, max_position_embeddings=self.max_position_embeddings, dtype=self.dtype,
+        qkv_bias=self.qkv_bias)
 
   @property
   def num_params(self) -> int:
     d, f = self.hidden_size, self.intermediate_size
     attn = d * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     attn += self.num_heads * self.head_dim * d
+    if self.qkv_bias:
+      attn += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     fc = 2 * d * d + (d if self.fc_bias else 0)
     fs = 3 * d * f + d if self.feature_sampling else 0
     mlp = 2 * d * f + f * (2 * d if self.partial_alignment else d)

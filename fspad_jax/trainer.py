@@ -449,9 +449,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   else:
     state = train_lib.init_train_state(setup, t.seed)
     writer.truncate_after(0)  # records of a run that died before its first checkpoint
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "draft_config.json"), "w") as f:
+  if jax.process_index() == 0:  # written whole or not at all (decode.py reads it)
+    path = os.path.join(workdir, "draft_config.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(dataclasses.asdict(setup.draft_cfg), f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
   peak = _peak_flops(t.peak_flops_per_device)
   flops = train_lib.flops_per_step(target.cfg, setup.draft_cfg, t.global_batch * seq, seq)
