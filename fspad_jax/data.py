@@ -125,16 +125,22 @@ class BadRecordReport:
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   lines: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   details: dict[str, str] = dataclasses.field(default_factory=dict)  # first detail per kind
+  # 1-based record numbers beside the lines (the line alone is ambiguous in a JSON list
+  # written on one line).
+  records: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
-  def add(self, kind: str, line: int, detail: str = ""):
+  def add(self, kind: str, line: int, detail: str = "", index: int | None = None):
     if kind not in BAD_KINDS:
       raise ValueError(f"unknown bad-record kind {kind!r}")
     self.counts[kind] = self.counts.get(kind, 0) + 1
     examples = self.lines.setdefault(kind, [])
     if len(examples) < MAX_EXAMPLE_LINES:
       examples.append(line)
+      if index is not None:
+        self.records.setdefault(kind, []).append(index + 1)
     if detail and kind not in self.details:
-      self.details[kind] = f"line {line}: {detail}"
+      where = f"line {line}" + (f" (record {index + 1})" if index is not None else "")
+      self.details[kind] = f"{where}: {detail}"
 
   @property
   def total(self) -> int:
@@ -146,6 +152,8 @@ class BadRecordReport:
     for kind in BAD_KINDS:
       if kind in self.counts:
         out[kind] = {"count": self.counts[kind], "lines": list(self.lines[kind])}
+        if kind in self.records:
+          out[kind]["records"] = list(self.records[kind])
         if kind in self.details:
           out[kind]["detail"] = self.details[kind]
     return out
@@ -156,6 +164,8 @@ class BadRecordReport:
     for kind, entry in d.items():
       report.counts[kind] = entry["count"]
       report.lines[kind] = list(entry["lines"])
+      if "records" in entry:
+        report.records[kind] = list(entry["records"])
       if "detail" in entry:
         report.details[kind] = entry["detail"]
     return report
@@ -164,8 +174,10 @@ class BadRecordReport:
     if not self.counts:
       logger.info("%s: no bad records", source)
     for kind, entry in self.to_dict().items():
-      logger.warning("%s: dropped %d %s record(s), e.g. lines %s%s", source, entry["count"],
-                     kind, entry["lines"], f" ({entry['detail']})" if "detail" in entry else "")
+      records = f", records {entry['records']}" if "records" in entry else ""
+      logger.warning("%s: dropped %d %s record(s), e.g. lines %s%s%s", source, entry["count"],
+                     kind, entry["lines"], records,
+                     f" ({entry['detail']})" if "detail" in entry else "")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -274,7 +286,7 @@ def load_conversations(path: str) -> tuple[list[Conversation], BadRecordReport]:
   for index, (line, record) in enumerate(records):
     parsed = record if isinstance(record, Rejected) else _parse_record(record, line, index)
     if isinstance(parsed, Rejected):
-      report.add(parsed.kind, line, parsed.detail)
+      report.add(parsed.kind, line, parsed.detail, index)
     else:
       conversations.append(parsed)
   return conversations, report
@@ -514,7 +526,7 @@ def _tokenize_all(tokenizer, conversations: Sequence[Conversation], max_len: int
   results = _tokenized(tokenizer, conversations, max_len, num_workers, tokenizer_source)
   for conv, example in zip(conversations, results, strict=True):
     if isinstance(example, Rejected):
-      report.add(example.kind, conv.line, example.detail)
+      report.add(example.kind, conv.line, example.detail, conv.index)
       continue
     truncated += int(example.truncated)
     examples[split_of(conv, val_fraction)].append(

@@ -55,8 +55,9 @@ def _peak_flops(config_value: float) -> float:
 USER_ERRORS = (ConfigError, data_lib.DataError, CheckpointError, ShardingError)
 
 
-class TrainingInterrupted(Exception):
-  """Ctrl-C (SIGINT) ended the run; `step` is the step saved (None: nothing was saved)."""
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) ended the run after saving `step` (None: nothing was saved). A
+  KeyboardInterrupt, so callers that handle Ctrl-C keep doing so."""
 
   def __init__(self, step: int | None):
     self.step = step
@@ -393,10 +394,53 @@ def evaluate(setup, agreement_fn, params, prepared_dir: str, batch_size: int, ma
   return train_lib.summarize_agreement(totals, depths) if totals else {}
 
 
+LOCK_FILE = "train.lock"
+
+
+class _WorkdirLock:
+  """An exclusive flock on <workdir>/train.lock (process 0 only), held for the whole run: a
+  second train.py on the same workdir is refused in one line. The kernel drops the lock when
+  the process dies, so a killed run never leaves a stale one."""
+
+  def __init__(self, workdir: str):
+    self._file = None
+    if jax.process_index() != 0:
+      return
+    import fcntl
+    path = os.path.join(workdir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise ConfigError(f"--workdir={workdir}: another train.py ({holder}) is running on it "
+                        f"(it holds {LOCK_FILE}); wait for it or use another workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    self._file = f
+
+  def release(self):
+    if self._file is not None:
+      self._file.close()  # closing drops the flock
+      self._file = None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
   validate_config(config)
   prepare_workdir(workdir)
+  lock = _WorkdirLock(workdir)
+  try:
+    return _train(config, workdir, progress)
+  finally:
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> dict:
   t = config.train
   fingerprints = run_fingerprints(config)
   ckpt = train_lib.Checkpointer(workdir, keep=t.keep_checkpoints)

@@ -25,7 +25,7 @@ from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_conversati
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-MAX_LEN = 48
+MAX_LEN = 128  # every tiny conversation fits
 CACHE_ENV = {}
 
 
@@ -234,7 +234,6 @@ def test_cli_refusals_before_training(assets, tmp_path):
   cases = [
       ({"train.learning_rate": -0.001}, [], ["train.learning_rate=-0.001 must be > 0"]),
       ({}, ["--config.train.seed=-1"], ["train.seed=-1 must be >= 0"]),
-      ({"data.max_len": 1}, [], ["data.max_len=1 must be >= 2"]),
       ({"data.path": str(bad_records)}, [], ["bad.jsonl", "no usable training conversation",
                                              "invalid_json"]),
       ({"data.path": str(no_assistant)}, [], ["no_assistant.jsonl", "no_assistant"]),
@@ -271,7 +270,6 @@ def test_resume_refuses_changed_inputs_before_loading(assets, trained, tmp_path)
   before = snapshot(trained)
   cases = [
       ({"draft.kind": "eagle"}, ["holds a 'fspad' draft", "draft.kind='eagle'"]),
-      ({"draft.shape.intermediate_size": 32}, ["another shape", "intermediate_size 64 -> 32"]),
       ({"target.path": assets["other_model"]}, ["target.path=", "other_model",
                                                 "weights differ"]),
       ({"data.path": assets["other_data"]}, ["data.path=", "other.jsonl",
@@ -285,9 +283,37 @@ def test_resume_refuses_changed_inputs_before_loading(assets, trained, tmp_path)
   assert snapshot(trained) == before  # no checkpoint or metrics record lost or added
 
 
-def test_partial_metrics_line_then_ctrl_c(assets, trained, tmp_path):
-  """A partial last metrics line (a crash mid-append) is dropped and the run resumes; Ctrl-C
-  then saves the step reached, says so in one line and exits 130; every record survives."""
+def test_changed_draft_shape_is_refused_from_the_stored_meta(assets, trained):
+  """Any draft field that changes the checkpoint's tree (here the MLP width) is refused from
+  the stored metadata alone, naming the field; the compute dtype is not such a field."""
+  from fspad_jax import train_lib
+  from fspad_jax.config import load_hf_config
+  config = load_repo_config("tiny")
+  config.target.path, config.data.path = assets["model"], assets["data"]
+  config.data.max_len = MAX_LEN
+  ckpt = train_lib.Checkpointer(str(trained), keep=2)
+  try:
+    meta = ckpt.restore_meta(ckpt.latest_step())
+  finally:
+    ckpt.close()
+  fingerprints = trainer.run_fingerprints(config)
+  target_cfg = load_hf_config(assets["model"])
+  trainer.check_resumable(meta, trainer.draft_config(config, target_cfg), fingerprints,
+                          config, "W")  # the same run: accepted
+  config.draft.dtype = "bfloat16"
+  trainer.check_resumable(meta, trainer.draft_config(config, target_cfg), fingerprints,
+                          config, "W")
+  config.draft.shape.intermediate_size = 32
+  with pytest.raises(ConfigError, match=r"W holds a draft of another shape "
+                                        r"\(intermediate_size 64 -> 32\)"):
+    trainer.check_resumable(meta, trainer.draft_config(config, target_cfg), fingerprints,
+                            config, "W")
+
+
+def test_partial_metrics_line_concurrent_run_then_ctrl_c(assets, trained, tmp_path):
+  """A partial last metrics line (a crash mid-append) is dropped and the run resumes; a
+  second run on the same workdir is refused while it runs; Ctrl-C then saves the step
+  reached, says so in one line and exits 130; every record survives, none twice."""
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
   with open(workdir / "metrics.jsonl", "a") as f:
@@ -302,6 +328,9 @@ def test_partial_metrics_line_then_ctrl_c(assets, trained, tmp_path):
       assert proc.poll() is None, log_path.read_text()[-3000:]
       assert time.time() < deadline, "no training progress"
       time.sleep(0.05)
+    second = run_cli(cmd, timeout=180)  # a concurrent run on the same workdir
+    assert_one_line_error(second, "--workdir=", "another train.py (pid", "train.lock")
+    assert proc.poll() is None, "the concurrent run disturbed the first one"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
   finally:
