@@ -388,8 +388,8 @@ def test_official_linear_rope_uses_base_10000(tmp_path):
   state, raw, reference = _torch_draft("eagle", linear_factor=4.0, config_theta=500000.0)
   cfg, graphdef, params = _load_torch_draft(tmp_path, state, raw)
   assert cfg.rope.rope_type == "linear" and cfg.rope.factor == 4.0
+  _assert_matches(graphdef, params, reference)  # (with base 500000 it does not match)
   assert cfg.rope.theta == 10000.0
-  _assert_matches(graphdef, params, reference)
   own = cfg.replace(rope=cfg.rope.__class__(theta=500000.0, rope_type="linear", factor=4.0))
   save_draft(str(tmp_path / "own"), own, params)  # has "draft_kind": rope_theta as written
   assert load_draft(str(tmp_path / "own"), TARGET)[0].rope.theta == 500000.0
