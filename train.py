@@ -5,7 +5,7 @@
     --config.data.path=FILE --workdir=W --config.train.steps=100
 
 Rerunning with the same --workdir resumes from its latest checkpoint; SIGTERM saves one
-last checkpoint and exits cleanly. Multi-host: run the same command on every host with
+last checkpoint and exits cleanly (0), Ctrl-C saves one too and exits 130. Multi-host: run the same command on every host with
 --coordinator=HOST:PORT --num_processes=N --process_id=I (or nothing on TPU pods / SLURM,
 where jax.distributed discovers them). The logic lives in fspad_jax/trainer.py.
 """
@@ -37,12 +37,17 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_DISTRIBUTED.value)
   from fspad_jax import trainer
-  from fspad_jax.config import ConfigError
-  from fspad_jax.data import DataError
   try:
     last = trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError) as e:
+  except trainer.USER_ERRORS as e:
     sys.exit(f"train.py: error: {console.one_line(e)}")
+  except trainer.TrainingInterrupted as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    sys.exit(130)
+  except KeyboardInterrupt:  # before the training loop, or a second Ctrl-C while saving
+    print("train.py: interrupted (Ctrl-C) before a checkpoint was saved; rerunning the same "
+          "command resumes from the last complete one", file=sys.stderr)
+    sys.exit(130)
   print(json.dumps(last, indent=2))
 
 

@@ -74,7 +74,9 @@ MAX_EXAMPLE_LINES = 5  # line numbers kept per bad kind
 
 DATASET_VERSION = "1.0.0"
 # Bump when tokenization / masking / splitting changes, so old prepared dirs are not reused.
-PIPELINE_VERSION = 2  # 2: token_counts.npy (hot_vocab) is written with the data
+# 2: token_counts.npy (hot_vocab) is written with the data. 3: examples are keyed, and
+# records without an id split, by record index instead of line (unique in one-line lists).
+PIPELINE_VERSION = 3
 REPORT_FILE = "prepare_report.json"
 SPLITS = ("train", "validation")
 
@@ -88,13 +90,16 @@ class Conversation:
   """One parsed record; roles normalized to "system" / "user" / "assistant"."""
 
   messages: list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
-  line: int  # 1-based line of the record in the data file
+  line: int  # 1-based line of the record in the data file (for messages)
   record_id: str | None = None
+  # 0-based position of the record among all records of the file (bad ones included):
+  # unique, unlike the line (a JSON list written without indentation is one line).
+  index: int = 0
 
   @property
   def split_key(self) -> str:
-    """What the train/validation assignment hashes: the record id, else the line."""
-    return f"id:{self.record_id}" if self.record_id is not None else f"line:{self.line}"
+    """What the train/validation assignment hashes: the record id, else its index."""
+    return f"id:{self.record_id}" if self.record_id is not None else f"record:{self.index}"
 
 
 class Example(NamedTuple):
@@ -120,16 +125,22 @@ class BadRecordReport:
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   lines: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   details: dict[str, str] = dataclasses.field(default_factory=dict)  # first detail per kind
+  # 1-based record numbers beside the lines (the line alone is ambiguous in a JSON list
+  # written on one line).
+  records: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
-  def add(self, kind: str, line: int, detail: str = ""):
+  def add(self, kind: str, line: int, detail: str = "", index: int | None = None):
     if kind not in BAD_KINDS:
       raise ValueError(f"unknown bad-record kind {kind!r}")
     self.counts[kind] = self.counts.get(kind, 0) + 1
     examples = self.lines.setdefault(kind, [])
     if len(examples) < MAX_EXAMPLE_LINES:
       examples.append(line)
+      if index is not None:
+        self.records.setdefault(kind, []).append(index + 1)
     if detail and kind not in self.details:
-      self.details[kind] = f"line {line}: {detail}"
+      where = f"line {line}" + (f" (record {index + 1})" if index is not None else "")
+      self.details[kind] = f"{where}: {detail}"
 
   @property
   def total(self) -> int:
@@ -141,6 +152,8 @@ class BadRecordReport:
     for kind in BAD_KINDS:
       if kind in self.counts:
         out[kind] = {"count": self.counts[kind], "lines": list(self.lines[kind])}
+        if kind in self.records:
+          out[kind]["records"] = list(self.records[kind])
         if kind in self.details:
           out[kind]["detail"] = self.details[kind]
     return out
@@ -151,6 +164,8 @@ class BadRecordReport:
     for kind, entry in d.items():
       report.counts[kind] = entry["count"]
       report.lines[kind] = list(entry["lines"])
+      if "records" in entry:
+        report.records[kind] = list(entry["records"])
       if "detail" in entry:
         report.details[kind] = entry["detail"]
     return report
@@ -159,8 +174,10 @@ class BadRecordReport:
     if not self.counts:
       logger.info("%s: no bad records", source)
     for kind, entry in self.to_dict().items():
-      logger.warning("%s: dropped %d %s record(s), e.g. lines %s%s", source, entry["count"],
-                     kind, entry["lines"], f" ({entry['detail']})" if "detail" in entry else "")
+      records = f", records {entry['records']}" if "records" in entry else ""
+      logger.warning("%s: dropped %d %s record(s), e.g. lines %s%s%s", source, entry["count"],
+                     kind, entry["lines"], records,
+                     f" ({entry['detail']})" if "detail" in entry else "")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -216,7 +233,7 @@ def normalize_role(role: str) -> str | None:
   return None
 
 
-def _parse_record(record: Any, line: int, require_assistant: bool = True
+def _parse_record(record: Any, line: int, index: int = 0, require_assistant: bool = True
                   ) -> Conversation | Rejected:
   """A decoded JSON value -> Conversation, or the reason it is bad."""
   if not isinstance(record, dict):
@@ -253,7 +270,7 @@ def _parse_record(record: Any, line: int, require_assistant: bool = True
     return Rejected("no_assistant", "no non-blank assistant turn")
   record_id = record.get("id")
   record_id = str(record_id) if isinstance(record_id, (str, int)) else None
-  return Conversation(messages=messages, line=line, record_id=record_id)
+  return Conversation(messages=messages, line=line, record_id=record_id, index=index)
 
 
 def load_conversations(path: str, require_assistant: bool = True
@@ -277,11 +294,11 @@ def load_conversations(path: str, require_assistant: bool = True
   else:
     records = _iter_jsonl(raw)
   conversations, report = [], BadRecordReport()
-  for line, record in records:
-    parsed = (record if isinstance(record, Rejected)
-              else _parse_record(record, line, require_assistant))
+  for index, (line, record) in enumerate(records):
+    parsed = record if isinstance(record, Rejected) else _parse_record(
+        record, line, index, require_assistant)
     if isinstance(parsed, Rejected):
-      report.add(parsed.kind, line, parsed.detail)
+      report.add(parsed.kind, line, parsed.detail, index)
     else:
       conversations.append(parsed)
   return conversations, report
@@ -383,7 +400,15 @@ def split_of(conv: Conversation, val_fraction: float) -> str:
   return "validation" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes, computed once per (path, size, mtime) in a process."""
+  st = os.stat(path)
+  return _cached_sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # cache key only
   with open(path, "rb") as f:
     return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -403,7 +428,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class _StoredExample(NamedTuple):
   """An example held in memory between tokenizing and writing: unpadded, mask as uint8."""
 
-  line: int  # also the tfds key (unique within a file)
+  index: int  # the record's index in the file: the tfds key (unique, unlike its line)
   input_ids: np.ndarray  # [length] int32
   loss_mask: np.ndarray  # [length] uint8
 
@@ -513,11 +538,11 @@ def _tokenize_all(tokenizer, conversations: Sequence[Conversation], max_len: int
   results = _tokenized(tokenizer, conversations, max_len, num_workers, tokenizer_source)
   for conv, example in zip(conversations, results, strict=True):
     if isinstance(example, Rejected):
-      report.add(example.kind, conv.line, example.detail)
+      report.add(example.kind, conv.line, example.detail, conv.index)
       continue
     truncated += int(example.truncated)
     examples[split_of(conv, val_fraction)].append(
-        _StoredExample(conv.line, example.input_ids, example.loss_mask))
+        _StoredExample(conv.index, example.input_ids, example.loss_mask))
   return examples, truncated
 
 
@@ -570,7 +595,7 @@ def _builder_class():
         input_ids[:length] = stored.input_ids
         loss_mask = np.zeros(self._max_len, np.int32)  # [max_len]
         loss_mask[:length] = stored.loss_mask
-        yield stored.line, {"input_ids": input_ids, "loss_mask": loss_mask,
+        yield stored.index, {"input_ids": input_ids, "loss_mask": loss_mask,
                             "length": np.int32(length)}
 
   return FspadConversations
@@ -586,6 +611,26 @@ def _tfds_bars_off():
     yield
   finally:
     tqdm_utils.display_progress_bar(previous)
+
+
+def root_cause(error: BaseException) -> str:
+  """"Type: message" of the innermost exception of a chain (__cause__ / __context__).
+
+  tensorflow-datasets re-raises failures wrapped, and may fail again while describing them
+  (e.g. importing TensorFlow to print a feature spec), so the last message is rarely the
+  cause; a message that cannot be turned into text falls back to the type name."""
+  seen = set()
+  while id(error) not in seen:
+    seen.add(id(error))
+    inner = error.__cause__ or error.__context__
+    if inner is None:
+      break
+    error = inner
+  try:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  except Exception:  # noqa: BLE001
+    message = ""
+  return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _main_reason(bad: BadRecordReport) -> str:
@@ -605,7 +650,7 @@ BUILDER_NAME = "fspad_conversations"  # tfds' snake_case of the class name
 def prepared_dir_for(data_path: str, tokenizer, max_len: int, out_dir: str,
                      val_fraction: float) -> str:
   """The builder directory that a preparation with these inputs writes (and reuses)."""
-  key = json.dumps({"pipeline": PIPELINE_VERSION, "data": _file_sha256(data_path),
+  key = json.dumps({"pipeline": PIPELINE_VERSION, "data": file_sha256(data_path),
                     "tokenizer": tokenizer_fingerprint(tokenizer), "max_len": max_len,
                     "val_fraction": val_fraction}, sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -682,8 +727,12 @@ def prepare_dataset(data_path: str, tokenizer_dir: str, max_len: int, out_dir: s
   builder = _builder_class()(examples=examples, max_len=max_len,
                              pad_id=pad_token_id(tokenizer), data_dir=data_root,
                              file_format="array_record")
-  with _tfds_bars_off():  # nested bars that leave escape codes in logs
-    builder.download_and_prepare(download_dir=os.path.join(data_root, "downloads"))
+  try:
+    with _tfds_bars_off():  # nested bars that leave escape codes in logs
+      builder.download_and_prepare(download_dir=os.path.join(data_root, "downloads"))
+  except Exception as e:  # noqa: BLE001 - tfds wraps (and re-describes) whatever failed
+    raise DataError(f"{data_path}: tensorflow-datasets could not write {builder_dir}: "
+                    f"{root_cause(e)}") from e
   # Assistant-token frequencies of the training split, for a hot draft vocabulary.
   counts = count_assistant_tokens(examples["train"], len(tokenizer))
   np.save(os.path.join(builder_dir, TOKEN_COUNTS_FILE), counts)

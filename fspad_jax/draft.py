@@ -90,6 +90,7 @@ class DraftConfig:
   # embeddings, i = output of decoder layer i, -1 = the final normed feature). More than one
   # are fused by a bias-free fc (k*d -> d); see the module docstring for what is fed back.
   feature_layers: tuple[int, ...] = (-1,)
+  qkv_bias: bool = False  # q/k/v projection biases (imported Qwen2 EAGLE heads: "qkv_bias")
 
   def __post_init__(self):
     object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
@@ -149,7 +150,8 @@ class DraftConfig:
         vocab_size=max(self.vocab_size, 1), hidden_size=self.hidden_size,
         intermediate_size=self.intermediate_size, num_layers=1, num_heads=self.num_heads,
         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-        rope=self.rope, max_position_embeddings=self.max_position_embeddings, dtype=self.dtype)
+        rope=self.rope, max_position_embeddings=self.max_position_embeddings, dtype=self.dtype,
+        qkv_bias=self.qkv_bias)
 
   @property
   def num_params(self) -> int:
@@ -157,6 +159,8 @@ class DraftConfig:
     d_in = 2 * d if self.own_head else d
     attn = d_in * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     attn += self.num_heads * self.head_dim * d
+    if self.qkv_bias:
+      attn += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     fuse = self.num_features * d * d if self.num_features > 1 else 0
     if self.own_head:  # two input norms, the final norm and the own LM head; no input fc
       return fuse + attn + 4 * d + 2 * d * f + f * d + d * self.head_vocab_size

@@ -17,6 +17,8 @@ State-dict names (torch Linear weights are [out, in]; d = hidden, f = intermedia
     fc.mlp.down_proj.weight [d, f]
   decoder layer (all kinds; no input_layernorm):
     layers.0.self_attn.{q,k,v,o}_proj.weight, layers.0.post_attention_layernorm.weight,
+    layers.0.self_attn.{q,k,v}_proj.bias when present (EAGLE's cnets1.py with
+      config "qkv_bias": true, e.g. heads for Qwen2 targets),
     layers.0.mlp.{gate,up}_proj.weight [f, d],
     layers.0.mlp.down_proj.weight [d, f], or [2d, f] with PAD ('fspad', 'pad_only'):
       rows [:d] give `predict` (LM head), rows [d:] give `regress` (fed back).
@@ -28,13 +30,23 @@ eagle/model/cnets_fspad.py (FS + PAD), cnets_fspad_wofs.py (PAD only) and cnets_
 
 config.json: hidden_size, num_attention_heads, num_key_value_heads, intermediate_size,
 rms_norm_eps, rope_theta/rope_scaling (or rope_parameters), vocab_size, num_hidden_layers
-(must be 1), "bias" (EAGLE's fc-bias flag). Exports add "draft_kind" (one of DRAFT_KINDS);
-official checkpoints have no such key, so the kind is inferred from the tensors (`fc.fc.*`
-present: FS; down_proj with 2d rows: PAD).
+(must be 1), "bias" (EAGLE's fc-bias flag), "qkv_bias". Biases follow the tensors present (a
+flag that says false loses to a bias tensor: the official FSPAD code always builds the fc
+bias); a flag that says true with its tensor absent is a missing tensor. Exports add
+"draft_kind" (one of DRAFT_KINDS); official checkpoints have no such key, so the kind is
+inferred from the tensors (`fc.fc.*` present: FS; down_proj with 2d rows: PAD).
+
+RoPE of official-layout heads (no "draft_kind"): with linear `rope_scaling`, the official
+EAGLE/FSPAD code builds its LlamaLinearScalingRotaryEmbedding without passing rope_theta, so
+it rotates with base 10000 whatever rope_theta says; those heads are imported with base
+10000 too (`official_rope`). Heads this project exported carry "draft_kind" and keep
+rope_theta (how they were trained); the official code would run such a head (linear
+scaling, rope_theta != 10000) with base 10000, so export warns about it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,7 +60,8 @@ from fspad_jax.config import ConfigError, ModelConfig, _parse_rope, read_config_
 from fspad_jax.draft import DRAFT_KINDS, EAGLE_LAYOUT_KINDS, DraftConfig, abstract_draft
 from fspad_jax.hot_vocab import validate_hot_ids
 from fspad_jax.hf_checkpoint import (NP_DTYPES, CheckpointError, TensorMapping, _LazyStack,
-                                     _linear, _stacked_linear, param_shardings, to_hf_tensors)
+                                     _identity_reshape, _linear, _stacked_linear,
+                                     param_shardings, to_hf_tensors)
 from fspad_jax.safetensors_io import TensorIndex, write_safetensors
 from fspad_jax.sharding import ShardingRules, to_host
 
@@ -99,6 +112,12 @@ def draft_tensor_mappings(cfg: DraftConfig) -> dict[tuple, TensorMapping]:
   m[L + ("attn", "o_kernel")] = TensorMapping(
       (a + "o_proj.weight",), lambda v: v[0].T.reshape(h, hd, d),
       lambda x: [x.reshape(h * hd, d).T])
+  if cfg.qkv_bias:  # q_proj.bias [h*hd] <-> [h, hd]; k/v_proj.bias [kvh*hd] <-> [2, kvh, hd]
+    m[L + ("attn", "q_bias")] = TensorMapping((a + "q_proj.bias",), *_identity_reshape((h, hd)))
+    m[L + ("attn", "kv_bias")] = TensorMapping(
+        (a + "k_proj.bias", a + "v_proj.bias"),
+        lambda v: _LazyStack([x.reshape(kvh, hd) for x in v], axis=0),
+        lambda x: [x[0].reshape(-1), x[1].reshape(-1)])
   m[L + ("post_attn_norm", "weight")] = TensorMapping(
       (p + "post_attention_layernorm.weight",), *same)
   m[L + ("mlp", "gate_up_kernel")] = TensorMapping(
@@ -202,10 +221,32 @@ def infer_draft_kind(tensors, hidden_size: int) -> str:
           (False, True): "pad_only"}[(fs, pad)]
 
 
+def official_rope(raw: dict[str, Any], source: str):
+  """The rotary embedding that EAGLE's and FSPAD's own draft code builds from config.json.
+
+  For linear `rope_scaling` that code (cnets.py / cnets1.py: LlamaLinearScalingRotaryEmbedding)
+  passes no base, so it rotates with base 10000 whatever `rope_theta` says; the heads were
+  trained (and run) that way, so an imported head of the official layout gets base 10000.
+  Without scaling it uses `rope_theta`, as we do."""
+  rope = _parse_rope(raw, source)
+  if rope.rope_type == "linear" and rope.theta != 10000.0:
+    logger.info("%s: linear rope_scaling with rope_theta=%s: using base 10000, as the official "
+                "EAGLE/FSPAD draft code does for linear scaling", source, rope.theta)
+    rope = dataclasses.replace(rope, theta=10000.0)
+  return rope
+
+
 def parse_draft_config(raw: dict[str, Any], kind: str, source: str = "config.json",
-                       dtype: str = "float32", fc_bias: bool | None = None) -> DraftConfig:
+                       dtype: str = "float32", fc_bias: bool | None = None,
+                       qkv_bias: bool | None = None) -> DraftConfig:
   """A draft config.json dict -> DraftConfig, refusing what the draft code does not run.
-  `fc_bias` is used when the dict has no "bias" key (EAGLE's default is true)."""
+
+  fc_bias / qkv_bias: whether the weights hold the fc bias / q,k,v biases (None: unknown,
+  then config.json's "bias" (default true) / "qkv_bias" (default false) decide). The
+  tensors present win over a flag that says false (the official FSPAD code always builds
+  the fc bias and ignores "bias"); a flag that says true with the tensor absent leaves it
+  expected, so loading reports it missing. A config without "draft_kind" (the official
+  layout) gets the official code's rotary embedding (official_rope)."""
   for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
     if key not in raw:
       raise ConfigError(f"{source}: required key {key!r} is missing")
@@ -220,15 +261,24 @@ def parse_draft_config(raw: dict[str, Any], kind: str, source: str = "config.jso
     if raw.get(key):
       raise ConfigError(f"{source}: {key}=true is not supported in a draft layer")
   hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-  bias = raw.get("bias")
+  bias_flag = raw.get("bias")
+  if fc_bias is None:
+    fc_bias = True if bias_flag is None else bool(bias_flag)
+  elif fc_bias and bias_flag is not None and not bias_flag:
+    logger.info("%s: \"bias\": false, but the weights hold the fc bias: using it, as the "
+                "official FSPAD code does", source)
+  else:
+    fc_bias = fc_bias or bool(bias_flag)
+  qkv_flag = bool(raw.get("qkv_bias", False))
+  qkv_bias = qkv_flag if qkv_bias is None else (qkv_bias or qkv_flag)
+  rope = _parse_rope(raw, source) if "draft_kind" in raw else official_rope(raw, source)
   return DraftConfig(
       kind=kind, hidden_size=hidden, num_heads=heads,
       num_kv_heads=int(raw.get("num_key_value_heads") or heads),
       head_dim=int(raw.get("head_dim") or hidden // heads),
       intermediate_size=int(raw["intermediate_size"]),
-      rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope=_parse_rope(raw, source),
-      dtype=dtype, fc_bias=bool(bias) if bias is not None else (
-          True if fc_bias is None else fc_bias),
+      rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope=rope,
+      dtype=dtype, fc_bias=fc_bias, qkv_bias=qkv_bias,
       vocab_size=int(raw.get("vocab_size") or 0),
       max_position_embeddings=int(raw.get("max_position_embeddings", 2048)))
 
@@ -237,6 +287,10 @@ def draft_config_dict(cfg: DraftConfig) -> dict:
   """config.json for a draft: LlamaConfig keys in the transformers 4 layout (which EAGLE's
   and FSPAD's code read), plus "bias" and "draft_kind"."""
   r = cfg.rope
+  if r.rope_type == "linear" and r.theta != 10000.0:
+    logger.warning("draft export: linear rope scaling with rope_theta=%s; the official EAGLE/"
+                   "FSPAD code runs linear scaling with base 10000, so it would not reproduce "
+                   "this draft (fspad_jax loads it as trained)", r.theta)
   scaling = None
   if r.rope_type == "linear":
     scaling = {"type": "linear", "rope_type": "linear", "factor": r.factor}
@@ -254,6 +308,7 @@ def draft_config_dict(cfg: DraftConfig) -> dict:
       "max_position_embeddings": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
       "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
       "torch_dtype": cfg.dtype,
+      **({"qkv_bias": True} if cfg.qkv_bias else {}),
       **({"draft_vocab_size": cfg.hot_vocab_size} if cfg.hot_vocab_size else {}),
   }
 
@@ -303,9 +358,11 @@ def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: s
   if kind not in DRAFT_KINDS:
     raise ConfigError(f"{path}: draft_kind={kind!r}: expected one of {DRAFT_KINDS}")
   fc_bias_name = "fc.fc.bias" if kind in ("fspad", "fs_only") else "fc.bias"
+  names = set(tensors.names())
   dtype = dtype or (target_cfg.dtype if target_cfg is not None else "float32")
-  cfg = parse_draft_config(raw, kind, source=path, dtype=dtype,
-                           fc_bias=fc_bias_name in set(tensors.names()))
+  cfg = parse_draft_config(
+      raw, kind, source=path, dtype=dtype, fc_bias=fc_bias_name in names,
+      qkv_bias=any(LAYER_PREFIX + f"self_attn.{x}_proj.bias" in names for x in "qkv"))
   if target_cfg is not None:
     if cfg.hidden_size != target_cfg.hidden_size:
       raise DraftCheckpointError(f"{path}: hidden_size={cfg.hidden_size}, but the target's is "

@@ -77,8 +77,13 @@ def load_draft_for_decode(path: str, target_cfg: ModelConfig, method: str, mesh,
     step_dir, cfg_path = orbax
     if not os.path.isfile(cfg_path):
       raise ConfigError(f"{step_dir}: cannot find the run's draft_config.json at {cfg_path}")
-    with open(cfg_path) as f:
-      cfg = draft_config_from_json(json.load(f), cfg_path)
+    try:
+      with open(cfg_path, "rb") as f:
+        raw = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{cfg_path}: corrupt draft config ({e}); train.py rewrites it on "
+                        "its next run of that workdir") from None
+    cfg = draft_config_from_json(raw, cfg_path)
     cfg = cfg.replace(dtype=dtype)
     _check_fit(cfg, target_cfg, method, path)
     params = _restore_params(step_dir, cfg, mesh, rules)

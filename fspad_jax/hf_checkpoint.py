@@ -10,8 +10,10 @@ parameter's local shards at a time.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -149,12 +151,85 @@ def _check_tensors(index: TensorIndex, mappings: dict, cfg: ModelConfig, model_d
                           + "; ".join(problems))
 
 
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_sizes(index: TensorIndex, cfg: ModelConfig, model_dir: str) -> None:
+  """config.json's layer count and widths against the tensors present (headers only), before
+  anything is built from them: a wrong num_hidden_layers or vocab_size fails in one line
+  naming the key and the file, not after minutes of building a model of that size."""
+  config_path = os.path.join(model_dir, "config.json")
+  layers = {int(m.group(1)) for n in index.names() if (m := _LAYER_RE.match(n))}
+  if cfg.num_layers > len(layers):  # (extra layers are listed as unexpected tensors)
+    raise CheckpointError(
+        f"{config_path}: num_hidden_layers={cfg.num_layers}, but the safetensors in "
+        f"{model_dir} hold {len(layers)} layer(s)"
+        + (f" numbered 0..{max(layers)}" if layers else ""))
+  name = "model.embed_tokens.weight"
+  if name in index:
+    shape = index.shape(name)
+    where = index.file(name).path
+    if len(shape) != 2 or shape[1] != cfg.hidden_size:
+      raise CheckpointError(f"{config_path}: hidden_size={cfg.hidden_size}, but {name} in "
+                            f"{where} has shape {shape}")
+    if shape[0] != cfg.vocab_size:
+      raise CheckpointError(f"{config_path}: vocab_size={cfg.vocab_size}, but {name} in "
+                            f"{where} has shape {shape}")
+
+
+def check_checkpoint(model_dir: str, cfg: ModelConfig) -> TensorIndex:
+  """Checks the tensors of `model_dir` (names, shapes, complete files) against `cfg` from
+  the safetensors headers alone; returns the index. Raises CheckpointError / ConfigError."""
+  index = TensorIndex(model_dir)
+  _check_sizes(index, cfg, model_dir)
+  mappings = tensor_mappings(cfg)
+  _check_tensors(index, mappings, cfg, model_dir)
+  abstract_state = nnx.state(abstract_model(cfg))
+  for path, var in nnx.to_flat_state(abstract_state):
+    mapping = mappings[path]
+    expected = jax.eval_shape(lambda x: tuple(mapping.to_hf(x)),
+                              jax.ShapeDtypeStruct(var.shape, jnp.float32))
+    for name, want in zip(mapping.hf_names, expected):
+      if index.shape(name) != tuple(want.shape):
+        raise CheckpointError(
+            f"{index.file(name).path}: shape mismatch for {name} {index.shape(name)}: "
+            f"{os.path.join(model_dir, 'config.json')} implies {tuple(want.shape)}")
+  return index
+
+
+FINGERPRINT_SAMPLES = 16  # data blocks read per safetensors file by checkpoint_fingerprint
+_SAMPLE_BYTES = 1 << 16
+
+
+def checkpoint_fingerprint(model_dir: str) -> dict[str, str]:
+  """A cheap identity of a model directory that survives a copy or move: sha256 of
+  config.json, and of every safetensors file's size, header and FINGERPRINT_SAMPLES
+  blocks of its data at fixed fractions of its length (so two checkpoints of the same
+  shapes but other weights differ; ~1 MiB read per file). {"config": hex, "weights": hex}."""
+  with open(os.path.join(model_dir, "config.json"), "rb") as f:
+    config_digest = hashlib.sha256(f.read()).hexdigest()
+  weights = hashlib.sha256()
+  names = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+  for name in names:
+    path = os.path.join(model_dir, name)
+    size = os.path.getsize(path)
+    weights.update(f"{name}:{size}".encode())
+    with open(path, "rb") as f:
+      header_len = int.from_bytes(f.read(8), "little")
+      weights.update(f.read(min(header_len, size)))
+      data_start = 8 + header_len
+      data_len = max(size - data_start, 0)
+      for k in range(FINGERPRINT_SAMPLES):
+        f.seek(data_start + data_len * k // FINGERPRINT_SAMPLES)
+        weights.update(f.read(_SAMPLE_BYTES))
+  return {"config": config_digest, "weights": weights.hexdigest()}
+
+
 def load_params(model_dir: str, cfg: ModelConfig, mesh, rules: ShardingRules
                 ) -> tuple[nnx.GraphDef, nnx.State]:
   """Loads safetensors weights into sharded params. Returns (graphdef, params)."""
-  index = TensorIndex(model_dir)
+  index = check_checkpoint(model_dir, cfg)
   mappings = tensor_mappings(cfg)
-  _check_tensors(index, mappings, cfg, model_dir)
   graphdef, abstract_state = nnx.split(abstract_model(cfg))
   shardings = param_shardings(abstract_state, mesh, rules)
   dtype = NP_DTYPES[cfg.dtype]
@@ -163,13 +238,6 @@ def load_params(model_dir: str, cfg: ModelConfig, mesh, rules: ShardingRules
   loaded = []
   for path, var in flat_abstract.items():
     mapping = mappings[path]
-    expected = jax.eval_shape(lambda x: tuple(mapping.to_hf(x)),
-                              jax.ShapeDtypeStruct(var.shape, jnp.float32))
-    for name, want in zip(mapping.hf_names, expected):
-      if index.shape(name) != tuple(want.shape):
-        raise CheckpointError(
-            f"{model_dir}: shape mismatch for {name} {index.shape(name)}: config.json "
-            f"implies {tuple(want.shape)}")
     ours = mapping.to_ours([index.view(n) for n in mapping.hf_names])
     sharding = flat_shardings[path].get_value()
     array = jax.make_array_from_callback(

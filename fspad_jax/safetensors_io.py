@@ -15,6 +15,8 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from fspad_jax.config import ConfigError
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -24,8 +26,8 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
-  pass
+class SafetensorsError(ConfigError):
+  """A file that is not a complete safetensors file (a user error: one line, no traceback)."""
 
 
 class SafetensorsFile:
@@ -44,10 +46,35 @@ class SafetensorsFile:
         header = json.loads(f.read(header_len))
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{path}: corrupt safetensors header (not a JSON object)")
     self.metadata = header.pop("__metadata__", {}) or {}
     self._entries = header
     self._data_start = 8 + header_len
     self._mmap = None
+    self._check_entries(os.path.getsize(path) - self._data_start)
+
+  def _check_entries(self, data_bytes: int) -> None:
+    """Every tensor's byte range lies inside the file and fits its shape and dtype, so a
+    truncated file (an interrupted copy or download) is refused here, by name, before any
+    tensor is read."""
+    for name, entry in self._entries.items():
+      try:
+        start, end = (int(x) for x in entry["data_offsets"])
+        shape = tuple(int(x) for x in entry["shape"])
+        code = entry["dtype"]
+      except (KeyError, TypeError, ValueError):
+        raise SafetensorsError(f"{self.path}: corrupt safetensors header entry for {name!r}"
+                               ) from None
+      itemsize = _DTYPES[code].itemsize if code in _DTYPES else None
+      if end > data_bytes:
+        raise SafetensorsError(
+            f"{self.path}: truncated: tensor {name!r} ends at byte {end} of the data, but "
+            f"the file holds {data_bytes} (an interrupted copy or download?)")
+      if start < 0 or end < start or (
+          itemsize is not None and end - start != int(np.prod(shape, dtype=np.int64)) * itemsize):
+        raise SafetensorsError(f"{self.path}: tensor {name!r} byte size does not match its "
+                               "shape")
 
   def names(self) -> list[str]:
     return list(self._entries)
@@ -112,8 +139,11 @@ class TensorIndex:
     self._files: dict[str, SafetensorsFile] = {}
     self._where: dict[str, str] = {}
     if os.path.isfile(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f).get("weight_map")
+      try:
+        with open(index_path) as f:
+          weight_map = json.load(f).get("weight_map")
+      except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise SafetensorsError(f"{index_path}: not a safetensors index ({e})") from None
       if not isinstance(weight_map, dict):
         raise SafetensorsError(f"{index_path}: no 'weight_map' object")
       for fname in sorted(set(weight_map.values())):

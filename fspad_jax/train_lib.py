@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fspad_jax import ttt
-from fspad_jax.config import ModelConfig
+from fspad_jax.config import ConfigError, ModelConfig
 from fspad_jax.draft import Draft, DraftConfig, abstract_draft, draft_logits, init_draft
 from fspad_jax.hf_checkpoint import param_shardings
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
@@ -443,25 +443,42 @@ def stack_micro_batches(batch: dict, grad_accum: int) -> dict:
 
 
 class PreemptionFlag:
-  """Set by SIGTERM: the loop saves once more and exits cleanly."""
+  """Set by SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves once more and stops.
+
+  `signal_name` says which came ("SIGTERM" / "SIGINT"). A second Ctrl-C while the last
+  checkpoint is being saved gets Python's default behaviour (KeyboardInterrupt); a save it
+  cuts short is never restored (Checkpointer commits a step only once complete)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
     def handler(signum, frame):
-      logger.warning("SIGTERM received: saving a final checkpoint, then exiting")
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-      self._previous = None
+      name = signal.Signals(signum).name
+      if self.requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      logger.warning("%s received: saving a final checkpoint, then exiting", name)
+      self.requested, self.signal_name = True, name
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, handler)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
+
+  @property
+  def interrupted(self) -> bool:
+    """Ctrl-C (not a preemption) stopped the loop: the job should exit non-zero."""
+    return self.signal_name == "SIGINT"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -505,6 +522,20 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return TrainState(**out["state"]), out["data"], out["meta"]
 
+  def restore_meta(self, step: int) -> dict:
+    """The run metadata (config, draft config, input fingerprints) stored with `step`,
+    without reading its arrays: checked before a restore whose tree might not match."""
+    ocp = self._ocp
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for an unreadable item
+      raise ConfigError(f"{self.directory}/{step}/meta: unreadable run metadata "
+                        f"({type(e).__name__}: {str(e)[:200]}): use another workdir") from None
+    meta = out["meta"]
+    if not isinstance(meta, dict):
+      raise ConfigError(f"{self.directory}/{step}/meta: not a JSON object: use another workdir")
+    return meta
+
   def wait(self):
     self.manager.wait_until_finished()
 
@@ -521,6 +552,8 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    if self.enabled:
+      self._drop_partial_last_line()
     if self.enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -533,32 +566,63 @@ class MetricsWriter:
       return
     record = {"step": step, "split": split, "time": time.time(),
               **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with open(self.path, "a") as f:  # one whole line per record, on disk before we go on
       f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), step)
       self._tb.flush()
 
+  def _drop_partial_last_line(self):
+    """Cuts off a last line without its newline: an append that a crash or a full disk cut
+    short (every record is written as one whole line); it is logged again on resume."""
+    if not os.path.isfile(self.path):
+      return
+    with open(self.path, "rb") as f:
+      data = f.read()
+    end = data.rfind(b"\n") + 1  # bytes up to the last complete line
+    if end < len(data):
+      logger.warning("%s: dropping a partial last line (%d bytes) left by an interrupted "
+                     "write", self.path, len(data) - end)
+      os.truncate(self.path, end)
+
+  def _read(self) -> list[tuple[str, dict]]:
+    """(line, record) for every record; a corrupt complete line is one error naming it."""
+    if not os.path.isfile(self.path):
+      return []
+    out = []
+    with open(self.path, "rb") as f:
+      for number, raw in enumerate(f, start=1):
+        if not raw.strip():
+          continue
+        try:
+          record = json.loads(raw)
+          if not isinstance(record, dict):
+            raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+          raise ConfigError(f"{self.path}:{number}: corrupt metrics line; fix or remove it "
+                            "before resuming") from None
+        out.append((raw.decode("utf-8"), record))
+    return out
+
   def truncate_after(self, step: int):
     """Drops records of steps after `step` (a resumed run logs them again)."""
     if not self.enabled or not os.path.isfile(self.path):
       return
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    lines = self._read()
+    kept = [line for line, record in lines if record.get("step", 0) <= step]
     if len(kept) != len(lines):
       with open(self.path + ".tmp", "w") as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
       os.replace(self.path + ".tmp", self.path)
 
   def last_record(self) -> dict:
     """The last train record's metrics (for reporting a finished run), or {}."""
-    if not os.path.isfile(self.path):
-      return {}
-    with open(self.path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    train = [r for r in records if r.get("split") == "train"]
+    train = [r for _, r in self._read() if r.get("split") == "train"]
     if not train:
       return {}
     return {k: v for k, v in train[-1].items() if k not in ("step", "split", "time")}

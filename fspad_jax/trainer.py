@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 
@@ -28,7 +29,8 @@ from fspad_jax import data as data_lib
 from fspad_jax import hot_vocab, train_lib, ttt
 from fspad_jax.config import ConfigError, load_hf_config
 from fspad_jax.draft import DRAFT_KINDS, DraftConfig, abstract_draft, draft_config_from_target
-from fspad_jax.hf_checkpoint import resolve_model_dir
+from fspad_jax.hf_checkpoint import (CheckpointError, check_checkpoint, checkpoint_fingerprint,
+                                     resolve_model_dir)
 from fspad_jax.sharding import ShardingError, host_to_global, make_mesh
 from fspad_jax.target import Target
 
@@ -49,8 +51,114 @@ def _peak_flops(config_value: float) -> float:
   return 0.0
 
 
+# Errors that train.py reports as one line instead of a traceback.
+USER_ERRORS = (ConfigError, data_lib.DataError, CheckpointError, ShardingError)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) ended the run after saving `step` (None: nothing was saved). A
+  KeyboardInterrupt, so callers that handle Ctrl-C keep doing so."""
+
+  def __init__(self, step: int | None):
+    self.step = step
+    saved = (f"checkpoint of step {step} saved; rerun the same command to resume"
+             if step is not None else "no checkpoint saved")
+    super().__init__(f"interrupted (Ctrl-C): {saved}")
+
+
+# (key, integer?, lower bound, lower bound excluded?, upper bound, upper bound excluded?)
+# for every numeric key train.py reads; checked finite and in range before anything loads.
+_NUMERIC_KEYS = (
+    ("train.steps", True, 1, False, None, False),
+    ("train.global_batch", True, 1, False, None, False),
+    ("train.grad_accum", True, 1, False, None, False),
+    ("train.learning_rate", False, 0, True, None, False),
+    ("train.warmup_steps", True, 0, False, None, False),
+    ("train.b1", False, 0, False, 1, True),
+    ("train.b2", False, 0, False, 1, True),
+    ("train.weight_decay", False, 0, False, None, False),
+    ("train.clip_value", False, 0, True, None, False),
+    ("train.w_reg", False, 0, False, None, False),
+    ("train.w_cls", False, 0, False, None, False),
+    ("train.noise", False, 0, False, None, False),
+    ("train.seed", True, 0, False, 2**32, True),
+    ("train.depths", True, 1, False, None, False),
+    ("train.log_every", True, 1, False, None, False),
+    ("train.eval_every", True, 0, False, None, False),
+    ("train.eval_batch_size", True, 1, False, None, False),
+    ("train.eval_batches", True, 0, False, None, False),
+    ("train.checkpoint_every", True, 1, False, None, False),
+    ("train.keep_checkpoints", True, 1, False, None, False),
+    ("train.peak_flops_per_device", False, 0, False, None, False),
+    ("data.max_len", True, 2, False, None, False),
+    ("data.val_fraction", False, 0, False, 1, True),
+    ("draft.vocab_size", True, 0, False, None, False),
+    ("draft.shape.intermediate_size", True, 0, False, None, False),
+    ("draft.shape.num_heads", True, 0, False, None, False),
+    ("draft.shape.num_kv_heads", True, 0, False, None, False),
+    ("draft.shape.head_dim", True, 0, False, None, False),
+)
+# Keys with a fixed set of values.
+_CHOICE_KEYS = {"train.decay": ("linear", "cosine", "constant"),
+                "train.clip": ("value", "global_norm", "none"),
+                "draft.dtype": ("float32", "bfloat16"),
+                "target.dtype": ("float32", "bfloat16")}
+
+
+def _lookup(config, key: str):
+  """config's value at a dotted key, or KeyError when the config has no such key."""
+  value = config
+  for part in key.split("."):
+    if not hasattr(value, "keys") or part not in value:
+      raise KeyError(key)
+    value = value[part]
+  return value
+
+
+def _in_range(value, lo, lo_excl: bool, hi, hi_excl: bool) -> bool:
+  above = lo is None or (value > lo if lo_excl else value >= lo)
+  below = hi is None or (value < hi if hi_excl else value <= hi)
+  return above and below
+
+
+def _range_text(lo, lo_excl: bool, hi, hi_excl: bool) -> str:
+  parts = ([f"{'>' if lo_excl else '>='} {lo}"] if lo is not None else []) + (
+      [f"{'<' if hi_excl else '<='} {hi}"] if hi is not None else [])
+  return " and ".join(parts)
+
+
+def validate_numbers(config: ml_collections.ConfigDict) -> None:
+  """Every numeric train/data/draft key finite and in range, and every choice key one of its
+  values: one ConfigError line naming the key (keys a config lacks are skipped)."""
+  for key, choices in _CHOICE_KEYS.items():
+    try:
+      value = _lookup(config, key)
+    except KeyError:
+      continue
+    if value not in choices:
+      raise ConfigError(f"config key {key}={value!r}: expected one of {', '.join(choices)}")
+  for key, integer, lo, lo_excl, hi, hi_excl in _NUMERIC_KEYS:
+    try:
+      value = _lookup(config, key)
+    except KeyError:
+      continue
+    if key == "train.clip_value" and _lookup(config, "train.clip") == "none":
+      continue  # not used
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"config key {key}={value!r}: expected "
+                        f"{'an integer' if integer else 'a number'}")
+    if not math.isfinite(value):
+      raise ConfigError(f"config key {key}={value!r} must be a finite number")
+    if integer and not float(value).is_integer():
+      raise ConfigError(f"config key {key}={value!r}: expected an integer")
+    if not _in_range(value, lo, lo_excl, hi, hi_excl):
+      raise ConfigError(f"config key {key}={value!r} must be "
+                        f"{_range_text(lo, lo_excl, hi, hi_excl)}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError with one clear line for a config that cannot run."""
+  validate_numbers(config)
   if config.draft.kind not in DRAFT_KINDS:
     raise ConfigError(f"config key draft.kind={config.draft.kind!r}: expected one of "
                       f"{', '.join(DRAFT_KINDS)}")
@@ -77,12 +185,109 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if t.eval_batch_size % data_ways:
     raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is not divisible by the "
                       f"mesh's data x fsdp = {data_ways} devices")
-  if t.steps < 1:
-    raise ConfigError(f"train.steps={t.steps} must be >= 1")
   ttt.step_weights(t.get("ttt_steps", 1), t.get("ttt_weights", ()))  # one-line ConfigError
   target_cfg = load_hf_config(config.target.path)
   hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
-  draft_config(config, target_cfg)  # feature layers the target lacks, own-head vocabulary
+  draft_config(config, target_cfg)  # shape overrides, feature layers, own-head vocabulary
+  check_checkpoint(config.target.path, target_cfg)  # tensors vs config.json, headers only
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and checks that files can be written in it (one line if not)."""
+  probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror or e})") from None
+
+
+def run_fingerprints(config) -> dict:
+  """What identifies this run's inputs: the target (hf_checkpoint.checkpoint_fingerprint)
+  and the data file (size and sha256), stored with every checkpoint and compared on resume."""
+  path = config.data.path
+  return {"target": {"path": os.path.abspath(config.target.path),
+                     **checkpoint_fingerprint(config.target.path)},
+          "data": {"path": os.path.abspath(path), "size": os.path.getsize(path),
+                   "sha256": data_lib.file_sha256(path)}}
+
+
+# Draft-config fields that do not change the checkpoint's tree (master weights are float32).
+_TREE_NEUTRAL_DRAFT_FIELDS = ("dtype",)
+
+
+def check_resumable(saved_meta: dict, draft_cfg: DraftConfig, fingerprints: dict,
+                    config, where: str) -> None:
+  """Refuses, in one line naming what changed, a resume whose draft shape or whose inputs
+  (target, data) differ from the ones the checkpoint at `where` was trained with. Runs
+  before the checkpoint is restored; checkpoints from before fingerprints are not checked
+  for inputs."""
+  saved_draft = saved_meta.get("draft_config") or {}
+  current = json.loads(json.dumps(dataclasses.asdict(draft_cfg)))
+  changed = [f"{k} {saved_draft[k]!r} -> {current[k]!r}" for k in current
+             if k in saved_draft and k not in _TREE_NEUTRAL_DRAFT_FIELDS
+             and saved_draft[k] != current[k]]
+  if changed:
+    if saved_draft.get("kind") != current["kind"]:
+      lead = (f"holds a {saved_draft.get('kind')!r} draft, but "
+              f"draft.kind={current['kind']!r}")
+    else:
+      lead = "holds a draft of another shape"
+    raise ConfigError(f"{where} {lead} ({'; '.join(changed)}): use another workdir")
+  changed = _changed_data_settings(saved_meta.get("config", {}), config)
+  if changed:
+    raise ConfigError(f"{where} was trained on data prepared with other settings "
+                      f"({'; '.join(changed)}): its data position would index another "
+                      "dataset: use another workdir")
+  saved = saved_meta.get("fingerprints")
+  if not saved:
+    logger.info("%s predates input fingerprints: target and data are not compared", where)
+    return
+  target, was = fingerprints["target"], saved.get("target", {})
+  for part, what in (("config", "config.json"), ("weights", "weights")):
+    if was.get(part) and was[part] != target[part]:
+      raise ConfigError(
+          f"config key target.path={target['path']!r}: its {what} differ from the target "
+          f"this workdir was trained with ({was.get('path')}); resuming would mix two "
+          f"targets: use another workdir")
+  data, was = fingerprints["data"], saved.get("data", {})
+  if was.get("sha256") and was["sha256"] != data["sha256"]:
+    raise ConfigError(
+        f"config key data.path={data['path']!r}: not the data this workdir was trained on "
+        f"({was.get('path')}, {was.get('size')} bytes; now {data['size']} bytes, another "
+        f"sha256); its data position would index another dataset: use another workdir")
+
+
+# Config keys that change the prepared dataset (and so what a saved data position means).
+_DATA_KEYS = (("data", "max_len"), ("data", "val_fraction"), ("target", "chat_template"))
+
+
+def _changed_data_settings(saved_config: dict, config) -> list[str]:
+  return [f"{section}.{key} {saved_config[section][key]!r} -> {config[section].get(key)!r}"
+          for section, key in _DATA_KEYS
+          if key in saved_config.get(section, {})
+          and saved_config[section][key] != config[section].get(key)]
+
+
+def check_prepared(saved_meta: dict, prepared: str, config, where: str) -> None:
+  """The prepared dataset (data content, tokenizer, chat template, max_len, val_fraction)
+  must be the one the checkpoint's data position refers to."""
+  was = (saved_meta.get("fingerprints") or {}).get("prepared")
+  now = prepared_id(prepared)
+  if not was or was == now:
+    return
+  what = ("; ".join(_changed_data_settings(saved_meta.get("config", {}), config))
+          or "the tokenizer or the preparation pipeline changed")
+  raise ConfigError(f"{where}: the prepared data differs from the one this workdir was "
+                    f"trained on ({what}): its data position would index another dataset: "
+                    "use another workdir")
+
+
+def prepared_id(builder_dir: str) -> str:
+  """The prepared dataset's key (`<stem>-len<L>-<digest>`, data.prepared_dir_for)."""
+  return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(builder_dir))))
 
 
 def draft_config(config, target_cfg) -> DraftConfig:
@@ -193,15 +398,73 @@ def evaluate(setup, agreement_fn, params, prepared_dir: str, batch_size: int, ma
   return train_lib.summarize_agreement(totals, depths) if totals else {}
 
 
+LOCK_FILE = "train.lock"
+
+
+class _WorkdirLock:
+  """An exclusive flock on <workdir>/train.lock (process 0 only), held for the whole run: a
+  second train.py on the same workdir is refused in one line. The kernel drops the lock when
+  the process dies, so a killed run never leaves a stale one."""
+
+  def __init__(self, workdir: str):
+    self._file = None
+    if jax.process_index() != 0:
+      return
+    import fcntl
+    path = os.path.join(workdir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise ConfigError(f"--workdir={workdir}: another train.py ({holder}) is running on it "
+                        f"(it holds {LOCK_FILE}); wait for it or use another workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    self._file = f
+
+  def release(self):
+    if self._file is not None:
+      self._file.close()  # closing drops the flock
+      self._file = None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  prepare_workdir(workdir)
+  lock = _WorkdirLock(workdir)
+  try:
+    return _train(config, workdir, progress)
+  finally:
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> dict:
   t = config.train
+  fingerprints = run_fingerprints(config)
+  ckpt = train_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+  latest = ckpt.latest_step()
+  saved_meta = {}
+  if latest is not None:  # refuse a resume that cannot work before loading anything
+    try:
+      saved_meta = ckpt.restore_meta(latest)
+      check_resumable(saved_meta, draft_config(config, load_hf_config(config.target.path)),
+                      fingerprints, config, f"{ckpt.directory} (step {latest})")
+    except BaseException:
+      ckpt.close()
+      raise
   target = Target.from_pretrained(config.target.path, mesh_shape=tuple(config.mesh.shape),
                                   dtype=config.target.dtype)
   setup = build_setup(config, target)
   prepared = prepare_data(config, workdir)
+  if latest is not None:
+    check_prepared(saved_meta, prepared, config, f"{ckpt.directory} (step {latest})")
+  fingerprints["prepared"] = prepared_id(prepared)
   setup.hot_ids = hot_vocabulary(setup, prepared, workdir)  # an own-head draft trains on it
   seq = config.data.max_len
   micro = t.global_batch // t.grad_accum
@@ -212,11 +475,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   agreement_fn = train_lib.make_agreement_fn(setup, depths=t.depths)
   batches = data_lib.TrainBatches(prepared, "train", t.global_batch, seed=t.seed,
                                   shard_index=0, shard_count=1)
-  ckpt = train_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
   meta = {"config": json.loads(config.to_json_best_effort()),
           "draft_config": dataclasses.asdict(setup.draft_cfg),
-          "target_path": os.path.abspath(config.target.path)}
-  latest = ckpt.latest_step()
+          "target_path": os.path.abspath(config.target.path), "fingerprints": fingerprints}
   writer = train_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
   if latest is not None:
     from fspad_jax.draft_source import is_legacy_fs_layout
@@ -225,14 +486,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                         "in the older [d, 2, d_ff] layout: decode.py still loads it, but "
                         "training cannot resume it; use another workdir")
     state, data_state, saved_meta = ckpt.restore(latest, abstract_state, shardings)
-    if saved_meta.get("draft_config", {}).get("kind") != setup.draft_cfg.kind:
-      raise ConfigError(f"{ckpt.directory} holds a {saved_meta['draft_config']['kind']!r} "
-                        f"draft, but draft.kind={setup.draft_cfg.kind!r}: use another workdir")
-    saved_layers = tuple(saved_meta.get("draft_config", {}).get("feature_layers", (-1,)))
-    if saved_layers != setup.draft_cfg.feature_layers:
-      raise ConfigError(f"{ckpt.directory} holds a draft of feature layers {list(saved_layers)}, "
-                        f"but draft.feature_layers gives {list(setup.draft_cfg.feature_layers)}: "
-                        "use another workdir")
     _warn_on_changed_schedule(saved_meta.get("config", {}).get("train", {}), t)
     _warn_on_changed_loss(saved_meta.get("config", {}).get("train", {}), setup.loss_cfg)
     try:
@@ -244,9 +497,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     logger.info("resumed from %s step %d", ckpt.directory, latest)
   else:
     state = train_lib.init_train_state(setup, t.seed)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "draft_config.json"), "w") as f:
+    writer.truncate_after(0)  # records of a run that died before its first checkpoint
+  if jax.process_index() == 0:  # written whole or not at all (decode.py reads it)
+    path = os.path.join(workdir, "draft_config.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(dataclasses.asdict(setup.draft_cfg), f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
   peak = _peak_flops(t.peak_flops_per_device)
   flops = train_lib.flops_per_step(target.cfg, setup.draft_cfg, t.global_batch * seq, seq,
@@ -293,14 +551,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
         ckpt.save(step, state, batches.get_state(), meta)
       if preempt.requested:
-        logger.warning("preempted at step %d: checkpoint saved", step)
+        if not preempt.interrupted:
+          logger.warning("preempted at step %d: checkpoint saved", step)
         break
       if reset_window:  # throughput windows time training steps only
         jax.block_until_ready(state)
         window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
   bar.close()
-  ckpt.close()
+  ckpt.close()  # waits for the last save to commit
   writer.close()
+  if preempt.interrupted:
+    raise TrainingInterrupted(step)
   return last
 
 

@@ -227,8 +227,12 @@ def test_bin_loads_and_code_never_runs(tmp_path, monkeypatch):
 # --- An EAGLE/FSPAD checkpoint written independently with torch + transformers ---------------
 
 
-def _torch_draft(kind, seed=0):
-  """Torch modules with the official names, and a reference forward in torch."""
+def _torch_draft(kind, seed=0, qkv_bias=False, linear_factor=None, config_theta=10000.0):
+  """Torch modules with the official names, and a reference forward in torch.
+
+  qkv_bias: q/k/v projections with biases (EAGLE cnets1.py, "qkv_bias": true).
+  linear_factor: linear rope scaling; the reference rotates with base 10000 whatever
+  config_theta (written as config.json's rope_theta) says, as the official code does."""
   torch = pytest.importorskip("torch")
   from transformers import LlamaConfig
   from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, LlamaRMSNorm,
@@ -237,7 +241,9 @@ def _torch_draft(kind, seed=0):
   config = LlamaConfig(vocab_size=TARGET.vocab_size, hidden_size=D, intermediate_size=F,
                        num_hidden_layers=1, num_attention_heads=TARGET.num_heads,
                        num_key_value_heads=TARGET.num_kv_heads, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, max_position_embeddings=256)
+                       rope_theta=10000.0, max_position_embeddings=256,
+                       rope_scaling=({"rope_type": "linear", "factor": linear_factor}
+                                     if linear_factor else None))
   config._attn_implementation = "eager"
   fs = kind in ("fspad", "fs_only")
   pad = kind in ("fspad", "pad_only")
@@ -258,6 +264,10 @@ def _torch_draft(kind, seed=0):
   layer.input_layernorm = torch.nn.Identity()  # EAGLE drops the input norm
   if pad:
     layer.mlp.down_proj = torch.nn.Linear(F, 2 * D, bias=False)
+  if qkv_bias:  # biases on q/k/v only (o_proj keeps none)
+    for name in ("q_proj", "k_proj", "v_proj"):
+      old = getattr(layer.self_attn, name)
+      setattr(layer.self_attn, name, torch.nn.Linear(old.in_features, old.out_features))
   modules["layers"] = torch.nn.ModuleList([layer])
   with torch.no_grad():
     for name, p in modules.named_parameters():
@@ -297,10 +307,12 @@ def _torch_draft(kind, seed=0):
       "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bias": True,
       "hidden_act": "silu", "hidden_size": D, "intermediate_size": F,
       "num_attention_heads": TARGET.num_heads, "num_key_value_heads": TARGET.num_kv_heads,
-      "num_hidden_layers": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-      "rope_scaling": None, "max_position_embeddings": 256, "vocab_size": TARGET.vocab_size,
+      "num_hidden_layers": 1, "rms_norm_eps": 1e-5, "rope_theta": config_theta,
+      "rope_scaling": {"type": "linear", "factor": linear_factor} if linear_factor else None,
+      "max_position_embeddings": 256, "vocab_size": TARGET.vocab_size,
       "torch_dtype": "float16", "transformers_version": "4.28.1", "use_cache": True,
       "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+      **({"qkv_bias": True} if qkv_bias else {}),
   }
   return state, raw, reference
 
@@ -326,6 +338,61 @@ def test_matches_torch_reference(kind, fmt, tmp_path):
   want_predict, want_regress = reference(feats, embs)
   np.testing.assert_allclose(predict, want_predict, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(regress, want_regress, atol=1e-4, rtol=1e-4)
+
+
+def _load_torch_draft(tmp_path, state, raw):
+  from safetensors.torch import save_file
+  save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(raw, f)
+  return load_draft(str(tmp_path), TARGET)
+
+
+def _assert_matches(graphdef, params, reference):
+  feats, embs = inputs(seed=2)
+  predict, regress = forward(graphdef, params, feats, embs)
+  want_predict, want_regress = reference(feats, embs)
+  np.testing.assert_allclose(predict, want_predict, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(regress, want_regress, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "fspad"])
+def test_qkv_bias_head_matches_torch_reference(kind, tmp_path):
+  """A head with q/k/v biases (cnets1.py's "qkv_bias": true, Qwen2 heads) loads and matches;
+  the biases are random, so dropping them would fail the comparison."""
+  state, raw, reference = _torch_draft(kind, qkv_bias=True)
+  assert float(state["layers.0.self_attn.k_proj.bias"].abs().sum()) > 0
+  cfg, graphdef, params = _load_torch_draft(tmp_path, state, raw)
+  assert cfg.qkv_bias
+  _assert_matches(graphdef, params, reference)
+  out = tmp_path / "export"
+  save_draft(str(out), cfg, params)  # exports the biases under the same names
+  tensors = read_tensors(str(out))
+  for name in ("q", "k", "v"):
+    np.testing.assert_allclose(tensors[f"layers.0.self_attn.{name}_proj.bias"],
+                               state[f"layers.0.self_attn.{name}_proj.bias"].numpy(), atol=1e-6)
+  assert load_draft(str(out), TARGET)[0].qkv_bias
+
+
+def test_official_bias_false_follows_the_tensors(tmp_path):
+  """Official FSPAD configs may say "bias": false while the code always builds the fc bias."""
+  state, raw, reference = _torch_draft("fspad")
+  cfg, graphdef, params = _load_torch_draft(tmp_path, state, {**raw, "bias": False})
+  assert cfg.fc_bias
+  _assert_matches(graphdef, params, reference)
+
+
+def test_official_linear_rope_uses_base_10000(tmp_path):
+  """Linear rope_scaling: the official code's rotary embedding ignores rope_theta (base
+  10000); an official-layout head is imported that way. An export keeps its theta."""
+  state, raw, reference = _torch_draft("eagle", linear_factor=4.0, config_theta=500000.0)
+  cfg, graphdef, params = _load_torch_draft(tmp_path, state, raw)
+  assert cfg.rope.rope_type == "linear" and cfg.rope.factor == 4.0
+  _assert_matches(graphdef, params, reference)  # (with base 500000 it does not match)
+  assert cfg.rope.theta == 10000.0
+  own = cfg.replace(rope=cfg.rope.__class__(theta=500000.0, rope_type="linear", factor=4.0))
+  save_draft(str(tmp_path / "own"), own, params)  # has "draft_kind": rope_theta as written
+  assert load_draft(str(tmp_path / "own"), TARGET)[0].rope.theta == 500000.0
 
 
 def test_train_checkpoint_with_the_older_fs_kernel_layout_decodes(tmp_path):
