@@ -1,0 +1,141 @@
+"""Continuous batching: a fixed number of slots (decode.batch_size), each decoding one
+prompt; the moment a row finishes, its slot is refilled with the next pending prompt (or
+the next turn of a `turns` record) without waiting for the other rows.
+
+One host visit: prefill the waiting prompts into the free slots (a jit per prompt bucket,
+written into the slot on device), run at most `budget` steps on device (leaving early when
+a row finishes), read back three [batch] vectors, and only the finished rows' tokens. The
+attention span of a visit is a bucket of the longest live row's length plus what the visit
+can add, so a step reads the cache slots in use, not the whole cache.
+
+Every row keeps its own PRNG key (from the record's seed), so outputs do not depend on the
+slot or the neighbours: the same tokens as static batches at T=0, the same samples per
+record seed at T>0.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from fspad_jax.decoding.engine import Completion, DecodeEngine, bucket_length
+from fspad_jax.generate import FINISH_REASONS
+
+DEFAULT_BUDGET = 32  # vanilla steps per host visit (speculative: a quarter of this)
+MIN_SPAN = 64  # smallest attention span
+
+
+@dataclasses.dataclass
+class WorkItem:
+  """One prompt waiting for a slot."""
+
+  prompt: list[int]
+  seed: int  # its sampling seed (engine.record_seed)
+  limit: int  # its max new tokens
+  tag: Any = None  # the caller's (the job it belongs to)
+
+
+def span_bucket(n: int, cache_len: int) -> int:
+  """Attention span for rows that need n slots: a bucket (2^k or 3 * 2^k, >= MIN_SPAN),
+  capped at the cache: few compiled variants."""
+  return min(bucket_length(n, MIN_SPAN), cache_len)
+
+
+class ContinuousScheduler:
+  """Drives an engine's slot functions (engine.slot_decoder()) over a queue of WorkItems.
+
+  Timing, as BatchTimer: `total` (every host visit), `warm` and `warm_tokens` (visits that
+  compiled nothing, and the tokens they produced); `visits` counts host visits.
+  spans=False attends over the whole cache (the span-bucketing baseline)."""
+
+  def __init__(self, engine: DecodeEngine, budget: int | None = None, spans: bool = True):
+    self.engine = engine
+    self.decoder = engine.slot_decoder()
+    spt = self.decoder.steps_per_token
+    self.budget = budget or max(DEFAULT_BUDGET // (4 if spt > 1 else 1), 1)
+    self.spans = spans
+    self.total = self.warm = 0.0
+    self.warm_tokens = self.visits = 0
+    self.spans_used: collections.Counter = collections.Counter()
+
+  def cache_len_for(self, prompt_len: int) -> int:
+    """Cache slots a prompt needs (as static batches size theirs)."""
+    return self.engine.batch_shape(prompt_len)[1]
+
+  def run(self, items: Iterable[WorkItem],
+          on_finish: Callable[[WorkItem, Completion], list[WorkItem]]) -> None:
+    """Decodes every item; on_finish(item, completion) is called as each row finishes (in
+    slot order within a visit) and returns follow-up items, decoded next (first)."""
+    queue = collections.deque(items)
+    if not queue:
+      return
+    dec, batch = self.decoder, self.engine.settings.batch_size
+    cache_len = max(self.cache_len_for(len(w.prompt)) for w in queue)
+    state = dec.empty(cache_len)
+    slots: list[WorkItem | None] = [None] * batch
+    started = np.zeros(batch)  # [batch] wall time each slot was refilled
+    emitted = np.zeros(batch, np.int64)  # [batch] tokens emitted at the last poll
+    lengths = np.zeros(batch, np.int64)  # [batch] cache lengths at the last poll
+    done = np.ones(batch, bool)
+    while queue or any(s is not None for s in slots):
+      t0 = time.perf_counter()
+      compiled = False
+      for i in range(batch):  # refill the free slots, lowest first
+        if slots[i] is not None or not queue:
+          continue
+        item = queue.popleft()
+        n = len(item.prompt)
+        self.engine.check_prompt_lengths([n])
+        need = self.cache_len_for(n)
+        if need > state_cache_len(state):  # a longer later turn: grow every cache
+          state = dec.grow(state, need)
+        padded = min(bucket_length(n, self.engine.settings.min_prompt_bucket),
+                     state_cache_len(state))
+        prompt = np.zeros((1, padded), np.int32)  # [1, padded], right-padded
+        prompt[0, :n] = item.prompt
+        state = dec.insert(state, i, prompt, np.asarray([n], np.int32),
+                           np.asarray([item.seed], np.int32),
+                           np.asarray([item.limit], np.int32))
+        compiled |= dec.compiled_last
+        slots[i], started[i], emitted[i], lengths[i], done[i] = item, t0, 0, n, False
+      live = [i for i in range(batch) if slots[i] is not None and not done[i]]
+      if live:
+        total_len = state_cache_len(state)
+        need = int(lengths[live].max()) + self.budget * dec.steps_per_token + dec.reserve
+        span = span_bucket(need, total_len) if self.spans else total_len
+        self.spans_used[span] += 1
+        state = dec.run(state, self.budget, span)
+        compiled |= dec.compiled_last
+      new_done, num, new_lengths = dec.poll(state)
+      occupied = np.asarray([s is not None for s in slots])
+      produced = int(np.sum(np.where(occupied, num - emitted, 0)))
+      emitted = np.where(occupied, num, 0)
+      lengths, done = np.array(new_lengths), np.array(new_done | ~occupied)
+      finished = [i for i in range(batch) if slots[i] is not None and new_done[i]]
+      rows = dec.read(state, finished) if finished else []
+      t1 = time.perf_counter()
+      self.visits += 1
+      self.total += t1 - t0
+      if not compiled:
+        self.warm += t1 - t0
+        self.warm_tokens += produced
+      if live and not finished and not produced:
+        raise RuntimeError("continuous batching made no progress in a host visit")
+      followups = []
+      for i, (ids, reason, accepts) in zip(finished, rows):
+        item, slots[i] = slots[i], None
+        c = Completion(output_ids=ids, finish_reason=FINISH_REASONS[reason],
+                       prompt_tokens=len(item.prompt), decode_time_s=t1 - started[i],
+                       accept_lengths=accepts, slot=i)
+        followups += on_finish(item, c)
+      queue.extendleft(reversed(followups))  # finish multi-turn records first
+
+
+def state_cache_len(state) -> int:
+  """Target cache slots of a vanilla or speculative slot state."""
+  cache = state.cache if hasattr(state, "cache") else state.target_cache
+  return cache.max_len
