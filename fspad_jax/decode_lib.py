@@ -52,8 +52,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fspad_jax import console
-from fspad_jax.decoding.engine import (METHODS, Completion, DecodeEngine, batch_seed,
-                                       bucket_length, default_stop_token_ids)
+from fspad_jax.decoding.engine import (METHODS, Completion, DecodeEngine, bucket_length,
+                                       default_stop_token_ids, record_seed)
+from fspad_jax.decoding.scheduler import ContinuousScheduler, WorkItem, run_static
 from fspad_jax.decoding.records import (Problem, Record, JsonlWriter, id_key, load_records,
                                         scan_output, too_long_reason)
 from fspad_jax.decoding.settings import (MIN_BUCKET, TIMING_REPEATS, USER_ERRORS, DecodeError,
@@ -194,67 +195,75 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
   pending = [r for r in records if id_key(r.id) not in done]
 
   writer = JsonlWriter(output_path) if is_writer else None
-  queue = collections.deque(_Job(r, r.input_ids) for r in pending)
+  jobs = [_Job(r, r.input_ids) for r in pending]
   stats = collections.Counter()
-  timer = PairedTimer(settings.timing_repeats) if vanilla is not None else BatchTimer()
   depth_hits = np.zeros(settings.tree_depth + 1, np.int64)  # [D+1]: steps accepting >= d
   record_taus, mismatches = [], []
   bar = console.progress(len(pending), f"decode[{unit_name(engine)}]", "rec",
                          enabled=progress)
+
+  def finish(job: _Job, c: Completion) -> list[_Job]:
+    """Books one decoded turn; writes the record when it is complete. Returns [job] when
+    its next turn is to be decoded."""
+    text = engine.decode_text(c.output_ids)
+    job.results.append((c, text))
+    stats["new_tokens"] += c.new_tokens
+    stats["prompt_tokens"] += c.prompt_tokens
+    stats["steps"] += c.steps
+    stats["committed"] += c.committed
+    stats["target_forwards"] += c.target_forwards
+    stats[f"finish_{c.finish_reason}"] += 1
+    if c.accept_lengths:
+      a = np.minimum(np.asarray(c.accept_lengths), settings.tree_depth)
+      depth_hits[:] += np.bincount(a, minlength=settings.tree_depth + 1)[::-1].cumsum()[::-1]
+    rec = job.record
+    if rec.kind == "turns" and len(job.results) < len(rec.turns):
+      nxt = _next_turn(job, text, engine)
+      if not isinstance(nxt, Problem):
+        return [job]
+      if strict:
+        raise DecodeError(nxt.where(input_path) + " (--strict)")
+      log(f"{nxt.where(input_path)} (skipped)")
+      problems.append(nxt)
+      stats["failed"] += 1
+    else:
+      committed, steps = job.committed_steps
+      if steps:
+        record_taus.append(committed / steps)
+      if greedy_check:
+        bad = job.mismatches()
+        mismatches.extend(bad)
+        stats["checked"] += 1
+        stats["matched"] += not bad
+      if writer is not None:
+        writer.write(job.output(check_vanilla=greedy_check))
+      stats["decoded"] += 1
+    bar.update(1)
+    if timer.warm:  # compile-free calls only
+      bar.set_postfix_str(f"{stats['decoded']} done, {timer.warm_tokens / timer.warm:.1f} tok/s")
+    return []
+
+  def work(job: _Job) -> WorkItem:
+    return WorkItem(job.prompt, record_seed(run_seed, id_key(job.record.id), len(job.results)),
+                    settings.max_new_tokens, job)
+
+  def finish_static(item: WorkItem, c: Completion, v: Completion | None) -> list[WorkItem]:
+    if v is not None:  # --compare_vanilla: the same prompt decoded by vanilla
+      item.tag.vanilla.append(v)
+      stats["vanilla_new_tokens"] += v.new_tokens
+    return [work(j) for j in finish(item.tag, c)]
+
+  # --compare_vanilla times both methods on the same static batches (PairedTimer).
+  static = vanilla is not None or settings.schedule == "static"
+  if static:
+    timer = PairedTimer(settings.timing_repeats) if vanilla is not None else BatchTimer()
+  else:
+    timer = ContinuousScheduler(engine)
   try:
-    while queue:
-      jobs = [queue.popleft() for _ in range(min(settings.batch_size, len(queue)))]
-      prompts = [j.prompt for j in jobs]
-      bseed = batch_seed(run_seed, stats["batches"])
-      if vanilla is not None:
-        completions, vanilla_out = timer.run(engine, vanilla, prompts, bseed)
-        for job, v in zip(jobs, vanilla_out):
-          job.vanilla.append(v)
-          stats["vanilla_new_tokens"] += v.new_tokens
-      else:
-        completions = timer.run(engine, prompts, bseed)
-      stats["batches"] += 1
-      followups = []
-      for job, c in zip(jobs, completions):
-        text = engine.decode_text(c.output_ids)
-        job.results.append((c, text))
-        stats["new_tokens"] += c.new_tokens
-        stats["prompt_tokens"] += c.prompt_tokens
-        stats["steps"] += c.steps
-        stats["committed"] += c.committed
-        stats["target_forwards"] += c.target_forwards
-        stats[f"finish_{c.finish_reason}"] += 1
-        if c.accept_lengths:
-          a = np.minimum(np.asarray(c.accept_lengths), settings.tree_depth)
-          depth_hits += np.bincount(a, minlength=settings.tree_depth + 1)[::-1].cumsum()[::-1]
-        rec = job.record
-        if rec.kind == "turns" and len(job.results) < len(rec.turns):
-          nxt = _next_turn(job, text, engine)
-          if isinstance(nxt, Problem):
-            if strict:
-              raise DecodeError(nxt.where(input_path) + " (--strict)")
-            log(f"{nxt.where(input_path)} (skipped)")
-            problems.append(nxt)
-            stats["failed"] += 1
-            bar.update(1)
-          else:
-            followups.append(job)
-          continue
-        committed, steps = job.committed_steps
-        if steps:
-          record_taus.append(committed / steps)
-        if greedy_check:
-          bad = job.mismatches()
-          mismatches += bad
-          stats["checked"] += 1
-          stats["matched"] += not bad
-        if writer is not None:
-          writer.write(job.output(check_vanilla=greedy_check))
-        stats["decoded"] += 1
-        bar.update(1)
-      queue.extendleft(reversed(followups))  # finish multi-turn records first
-      if timer.warm:  # compile-free calls only
-        bar.set_postfix_str(f"{timer.warm_tokens / timer.warm:.1f} tok/s")
+    if static:
+      stats["batches"] = run_static(engine, vanilla, timer, map(work, jobs), finish_static)
+    else:
+      timer.run(map(work, jobs), lambda item, c: [work(j) for j in finish(item.tag, c)])
   finally:
     bar.close()
     if writer is not None:
@@ -279,8 +288,12 @@ def run_decode(config, input_path: str, output_path: str, *, strict: bool = Fals
       "prompt_tokens": stats["prompt_tokens"],
       "finish_reasons": {r: stats[f"finish_{r}"] for r in FINISH_REASONS.values()
                          if stats[f"finish_{r}"]},
-      "batches": stats["batches"],
-      "compiled_shapes": len(engine.compiled_shapes),
+      "schedule": "static" if static else "continuous",
+      "batches": stats["batches"],  # static schedule: batch calls
+      "host_visits": None if static else timer.visits,  # continuous: device loop calls
+      # Compiled functions: static batches, one per (prompt bucket, cache); continuous, one
+      # per slot function and shape (prompt bucket, attention span, cache).
+      "compiled_shapes": len(engine.compiled_shapes) if static else timer.compiled_shapes,
       # The calls whose outputs are kept (compilation included, timing repeats not).
       "decode_time_s": round(timer.total, 4),
       "tokens_per_s": tokens_per_s(stats["new_tokens"], timer.total) or 0.0,

@@ -62,6 +62,11 @@ class ContinuousScheduler:
     self.warm_tokens = self.visits = 0
     self.spans_used: collections.Counter = collections.Counter()
 
+  @property
+  def compiled_shapes(self) -> int:
+    """Slot functions compiled so far (one per function and static shape)."""
+    return len(self.decoder._compiled)
+
   def cache_len_for(self, prompt_len: int) -> int:
     """Cache slots a prompt needs (as static batches size theirs)."""
     return self.engine.batch_shape(prompt_len)[1]
@@ -133,6 +138,32 @@ class ContinuousScheduler:
                        accept_lengths=accepts, slot=i)
         followups += on_finish(item, c)
       queue.extendleft(reversed(followups))  # finish multi-turn records first
+
+
+def run_static(engine: DecodeEngine, vanilla: DecodeEngine | None, timer, items: Iterable[WorkItem],
+               on_finish: Callable[[WorkItem, Completion, Completion | None], list[WorkItem]]
+               ) -> int:
+  """Static batches (decode.schedule=static, and --compare_vanilla): batch_size items at a
+  time, each batch decoded until its longest row is done. timer: a BatchTimer, or with
+  `vanilla` a PairedTimer (both engines decode each batch). on_finish(item, completion,
+  vanilla completion or None) returns follow-up items, decoded first. Returns the number
+  of batches."""
+  queue = collections.deque(items)
+  batches = 0
+  while queue:
+    batch = [queue.popleft() for _ in range(min(engine.settings.batch_size, len(queue)))]
+    rows = {"row_seeds": [w.seed for w in batch], "limits": [w.limit for w in batch]}
+    prompts = [w.prompt for w in batch]
+    if vanilla is not None:
+      completions, vanilla_out = timer.run(engine, vanilla, prompts, **rows)
+    else:
+      completions, vanilla_out = timer.run(engine, prompts, **rows), [None] * len(batch)
+    batches += 1
+    followups = []
+    for item, c, v in zip(batch, completions, vanilla_out):
+      followups += on_finish(item, c, v)
+    queue.extendleft(reversed(followups))  # finish multi-turn records first
+  return batches
 
 
 def state_cache_len(state) -> int:
