@@ -9,6 +9,10 @@
 #       per-layer cache slice?), kernels per step (profile_spec), the step against vanilla's
 #       loop (spec_bench), vanilla against the bandwidth bound (decode_bench); no pipeline,
 #       no carried data needed
+#   bash benchmarks/gpu_session.sh SECONDS batching   # issue 12: continuous batching against
+#       static batches on Llama-3-8B shapes (random bf16 weights), batch 8 and 32, skewed
+#       output lengths, vanilla tokens/s against the weight-streaming bound, with and without
+#       attention-span bucketing (batching_bench); no pipeline, no carried data needed
 #
 # Expects, prepared on a machine with package registries (the GPU image lacks them):
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
@@ -46,7 +50,7 @@ EOF
 } 2>&1 | tee -a "$OUT/env.txt"
 
 # --- issue 5: the `small` preset (resumable)
-if [ "$mode" != step ]; then
+if [ "$mode" != step ] && [ "$mode" != batching ]; then
 [ -f runs/small/tokenizer/.done ] || tar -xJf .carry/small_dt.tar.xz || exit 1
 minutes=$(python3 -c "print(round(($(left) - 25) / 60, 2))")
 (
@@ -75,6 +79,7 @@ benches=("decode_bench.py --shape=llama3_8b --batch 1 8"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8 --draft_vocab 32768"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768 --draft_weight int8"
                                "decode_bench.py --shape=llama3_8b --batch 1 8")
+[ "$mode" = batching ] && benches=("batching_bench.py --shape=llama3_8b --batch 8 32 --prompts 64 --max_new 128 --repeats 2")
 for bench in "${benches[@]}"; do
   done_file="runs/bench_done.$(printf %s "$bench" | tr -c "A-Za-z0-9" _)"
   [ -f "$done_file" ] && continue  # finished in an earlier call

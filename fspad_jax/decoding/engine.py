@@ -194,6 +194,20 @@ class DecodeEngine:
     self._vanilla: DecodeEngine | None = None
     self._init_method()
 
+  @classmethod
+  def from_model(cls, config, cfg, graphdef, params, mesh) -> "DecodeEngine":
+    """An engine over an already built target (benchmarks: random weights, no directory,
+    no tokenizer; token-id prompts only). Stop ids: the config's and cfg.eos_token_ids."""
+    self = cls.__new__(cls)
+    self.config, self.settings = config, decode_settings(config)
+    self.model_dir, self.mesh, self.rules = None, mesh, ShardingRules()
+    self.cfg, self.graphdef, self.params = cfg, graphdef, params
+    self.tokenizer, self.tokenizer_error = None, "built from a model, without a tokenizer"
+    self.stop_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.settings.stop_token_ids)))
+    self.draft_info, self._vanilla = None, None
+    self._init_method()
+    return self
+
   def _init_method(self):
     s = self.settings
     limit = s.cache_len or self.cfg.max_position_embeddings
