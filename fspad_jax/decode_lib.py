@@ -9,9 +9,14 @@ The library behind `decode.py`, usable from a notebook:
 
 Each input line holds an `id` and exactly one of `prompt` (raw text), `messages` (a chat),
 `turns` (user messages answered in sequence, MT-bench style) or `input_ids`. Prompts are
-decoded in batches of a static shape: `decode.batch_size` rows (a short batch is filled with
-copies of its first row, discarded), right-padded to a bucketed length (at least
-`decode.min_prompt_bucket`), so that one compiled function serves every batch of a bucket.
+decoded on `decode.batch_size` slots with continuous batching (fspad_jax/decoding/scheduler.py;
+`decode.schedule=continuous`, the default): a row's slot is refilled with the next prompt, or
+the next turn of a `turns` record, as soon as it finishes. Prompts are right-padded to a
+bucketed length (at least `decode.min_prompt_bucket`), so one compiled prefill serves each
+bucket. `decode.schedule=static` decodes batches instead (a short batch is filled with copies
+of its first row, discarded), each until its longest row is done. Each record's turn samples
+with its own seed (run seed, id, turn), so outputs do not depend on the schedule, the slot or
+the neighbours. Records are written as they finish (in completion order, not input order).
 Each output line is written whole, then flushed and fsync'ed; a rerun skips the ids already
 written and drops a partial last line.
 
@@ -30,8 +35,9 @@ prefill: the mean of accepted + 1 over its verify steps; null without any step),
 forward per token: target_forwards = new_tokens and mean_accept_len 1.0. `turns` records
 hold them per turn, and pooled over the turns at the top level.
 
-`run_decode(..., compare_vanilla=True)` (decode.py --compare_vanilla) also decodes every
-batch with vanilla decoding (a second engine sharing the loaded target weights) and reports
+`run_decode(..., compare_vanilla=True)` (decode.py --compare_vanilla) decodes static batches
+(the paired timing needs the same work on both sides) and decodes every batch with vanilla
+decoding (a second engine sharing the loaded target weights) and reports
 the speedup, the ratio of tokens/s, from warm calls only: both engines decode each batch
 `decode.timing_repeats` times without compiling, alternating, and each batch contributes
 the median time of each (PairedTimer). Greedy runs also check that the outputs are identical
