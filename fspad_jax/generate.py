@@ -301,22 +301,23 @@ class VanillaSlots:
       return jax.jit(fn)
     return self._jit(("empty", cache_len), make)()
 
-  def insert(self, state: DecodeState, slot: int, prompt: np.ndarray, lengths: np.ndarray,
-             seeds: np.ndarray, limits: np.ndarray) -> DecodeState:
-    """Prefills prompts [n, padded] (right-padded) and writes them into slots slot..slot+n-1."""
+  def insert(self, state: DecodeState, slots: np.ndarray, prompt: np.ndarray,
+             lengths: np.ndarray, seeds: np.ndarray, limits: np.ndarray) -> DecodeState:
+    """Prefills prompts [n, padded] (right-padded) in one call and writes row i into slot
+    slots[i] ([n] int32; a repeated slot must repeat its row)."""
     n, padded = prompt.shape
     cache_len = state.cache.max_len
     options = self.options
 
     def make():
-      def fn(params, state, slot, prompt, lengths, seeds, limits):
+      def fn(params, state, slots, prompt, lengths, seeds, limits):
         model = self._model(params)
         cache = KVCache.create(model.cfg, n, cache_len)
         rows = first_state(model, prompt, lengths, row_keys(seeds), limits, options, cache)
-        return insert_rows(state, rows, slot)
+        return insert_rows(state, rows, slots)
       return jax.jit(fn, donate_argnums=(1,))
     fn = self._jit(("insert", n, padded, cache_len), make)
-    return fn(self.params, state, jnp.int32(slot), jnp.asarray(prompt, jnp.int32),
+    return fn(self.params, state, jnp.asarray(slots, jnp.int32), jnp.asarray(prompt, jnp.int32),
               jnp.asarray(lengths, jnp.int32), jnp.asarray(seeds, jnp.int32),
               jnp.asarray(limits, jnp.int32))
 

@@ -19,19 +19,17 @@ def _is_cache(x) -> bool:
   return isinstance(x, KVCache)
 
 
-def insert_rows(state, rows, slot: Array):
-  """state with rows' batch entries written at slots slot..slot+n-1 (n = rows' batch; one
-  dynamic_update_slice per leaf, in place when the state is donated). Both are the same
-  pytree type; caches must have the same number of slots."""
+def insert_rows(state, rows, slots: Array):
+  """state with rows' batch entries written at batch indices `slots` ([n] int32; n = rows'
+  batch; a repeated slot must carry identical rows): one scatter per leaf, in place when the
+  state is donated. Both are the same pytree type; caches have the same number of slots."""
   def put(big, small):
     if _is_cache(big):
-      return KVCache(k=jax.lax.dynamic_update_slice_in_dim(big.k, small.k, slot, axis=1),
-                     v=jax.lax.dynamic_update_slice_in_dim(big.v, small.v, slot, axis=1),
-                     lengths=jax.lax.dynamic_update_slice_in_dim(big.lengths, small.lengths,
-                                                                 slot, axis=0))
+      return KVCache(k=big.k.at[:, slots].set(small.k), v=big.v.at[:, slots].set(small.v),
+                     lengths=big.lengths.at[slots].set(small.lengths))
     if jnp.ndim(big) == 0:
       return big
-    return jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=0)
+    return big.at[slots].set(small)
   return jax.tree.map(put, state, rows, is_leaf=_is_cache)
 
 

@@ -470,19 +470,20 @@ class SpecSlots:
     return self._jit(("empty", cache_len), make)(self.gen.target_params, self.gen.draft_params,
                                                   self.gen.vocab)
 
-  def insert(self, state: SpecState, slot: int, prompt: np.ndarray, lengths: np.ndarray,
-             seeds: np.ndarray, limits: np.ndarray) -> SpecState:
+  def insert(self, state: SpecState, slots: np.ndarray, prompt: np.ndarray,
+             lengths: np.ndarray, seeds: np.ndarray, limits: np.ndarray) -> SpecState:
+    """As VanillaSlots.insert: one prefill of prompts [n, padded] into slots [n]."""
     n, padded = prompt.shape
     cache_len = state.target_cache.max_len
 
     def make():
-      def fn(tp, dp, vocab, state, slot, prompt, lengths, seeds, limits):
+      def fn(tp, dp, vocab, state, slots, prompt, lengths, seeds, limits):
         rows = self._init(tp, dp, vocab, prompt, lengths, seeds, limits, cache_len)
-        return insert_rows(state, rows, slot)
+        return insert_rows(state, rows, slots)
       return jax.jit(fn, donate_argnums=(3,))
     fn = self._jit(("insert", n, padded, cache_len), make)
     return fn(self.gen.target_params, self.gen.draft_params, self.gen.vocab, state,
-              jnp.int32(slot), jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32),
+              jnp.asarray(slots, jnp.int32), jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32),
               jnp.asarray(seeds, jnp.int32), jnp.asarray(limits, jnp.int32))
 
   def run(self, state: SpecState, budget: int, span: int) -> SpecState:

@@ -71,6 +71,25 @@ class ContinuousScheduler:
     """Cache slots a prompt needs (as static batches size theirs)."""
     return self.engine.batch_shape(prompt_len)[1]
 
+  def _insert(self, state, refill: list[tuple[int, WorkItem]]):
+    """One prefill of the refill items (their longest prompt's bucket; the row count rounded
+    up to a power of two by repeating the first row: few compiled shapes) into their slots."""
+    dec = self.decoder
+    lens = [len(item.prompt) for _, item in refill]
+    self.engine.check_prompt_lengths(lens)
+    need = max(self.cache_len_for(n) for n in lens)
+    if need > state_cache_len(state):  # a longer later turn: grow every cache
+      state = dec.grow(state, need)
+    padded = min(bucket_length(max(lens), self.engine.settings.min_prompt_bucket),
+                 state_cache_len(state))
+    rows = refill + [refill[0]] * (min(_pow2(len(refill)), self.engine.settings.batch_size) - len(refill))
+    prompt = np.zeros((len(rows), padded), np.int32)  # [n, padded], right-padded
+    for r, (_, item) in enumerate(rows):
+      prompt[r, :len(item.prompt)] = item.prompt
+    col = lambda f: np.asarray([f(i, item) for i, item in rows], np.int32)
+    return dec.insert(state, col(lambda i, _: i), prompt, col(lambda _, w: len(w.prompt)),
+                      col(lambda _, w: w.seed), col(lambda _, w: w.limit))
+
   def run(self, items: Iterable[WorkItem],
           on_finish: Callable[[WorkItem, Completion], list[WorkItem]]) -> None:
     """Decodes every item; on_finish(item, completion) is called as each row finishes (in
@@ -89,24 +108,16 @@ class ContinuousScheduler:
     while queue or any(s is not None for s in slots):
       t0 = time.perf_counter()
       compiled = False
-      for i in range(batch):  # refill the free slots, lowest first
-        if slots[i] is not None or not queue:
-          continue
-        item = queue.popleft()
-        n = len(item.prompt)
-        self.engine.check_prompt_lengths([n])
-        need = self.cache_len_for(n)
-        if need > state_cache_len(state):  # a longer later turn: grow every cache
-          state = dec.grow(state, need)
-        padded = min(bucket_length(n, self.engine.settings.min_prompt_bucket),
-                     state_cache_len(state))
-        prompt = np.zeros((1, padded), np.int32)  # [1, padded], right-padded
-        prompt[0, :n] = item.prompt
-        state = dec.insert(state, i, prompt, np.asarray([n], np.int32),
-                           np.asarray([item.seed], np.int32),
-                           np.asarray([item.limit], np.int32))
+      refill = []  # (slot, item): the free slots, lowest first, get the next items
+      for i in range(batch):
+        if slots[i] is None and queue:
+          refill.append((i, queue.popleft()))
+      if refill:
+        state = self._insert(state, refill)
         compiled |= dec.compiled_last
-        slots[i], started[i], emitted[i], lengths[i], done[i] = item, t0, 0, n, False
+        for i, item in refill:
+          slots[i], started[i], emitted[i], lengths[i], done[i] = (
+              item, t0, 0, len(item.prompt), False)
       live = [i for i in range(batch) if slots[i] is not None and not done[i]]
       if live:
         total_len = state_cache_len(state)
@@ -138,6 +149,10 @@ class ContinuousScheduler:
                        accept_lengths=accepts, slot=i)
         followups += on_finish(item, c)
       queue.extendleft(reversed(followups))  # finish multi-turn records first
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
 
 
 def run_static(engine: DecodeEngine, vanilla: DecodeEngine | None, timer, items: Iterable[WorkItem],
