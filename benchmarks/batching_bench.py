@@ -4,7 +4,7 @@ Prompts with skewed output lengths: half stop within 8 tokens (per-prompt limits
 half run to --max_new tokens. Static batches (decode.schedule=static: batch_size prompts
 at a time, in input order, each batch until its longest row is done) against continuous
 batching (fspad_jax/decoding/scheduler.py: a finished row's slot is refilled at once),
-with and without attention-span bucketing. Each schedule runs once to compile, then
+with and without attention-span bucketing (continuous_spans / continuous_full). Each schedule runs once to compile, then
 --repeats timed runs, interleaved; tokens/s = new tokens / median wall time. Greedy
 outputs are checked token for token. One JSON line per (schedule, batch).
 
@@ -56,7 +56,8 @@ def run_schedule(engine, items, schedule: str, budget: int):
                lambda item, c, v: (got.__setitem__(item.tag, c.output_ids), [])[1])
     info = {}
   else:
-    sched = ContinuousScheduler(engine, budget=budget, spans=schedule == "continuous")
+    spans = {"continuous": None, "continuous_spans": True, "continuous_full": False}[schedule]
+    sched = ContinuousScheduler(engine, budget=budget, spans=spans)
     sched.run(items, lambda item, c: (got.__setitem__(item.tag, c.output_ids), [])[1])
     info = {"host_visits": sched.visits,
             "spans": {str(k): v for k, v in sorted(sched.spans_used.items())}}
@@ -74,8 +75,10 @@ def main():
   ap.add_argument("--cache_len", type=int, default=0,
                   help="fixed cache slots (0: prompt bucket + max_new, as decode.py derives)")
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--schedules", nargs="+", default=["static", "continuous", "continuous_full"],
-                  help="continuous_full: continuous batching attending over the whole cache")
+  ap.add_argument("--schedules", nargs="+",
+                  default=["static", "continuous", "continuous_spans", "continuous_full"],
+                  help="continuous: span buckets for caches >= scheduler.SPAN_MIN_CACHE; "
+                       "continuous_spans: always; continuous_full: never (whole cache)")
   args = ap.parse_args()
 
   cfg = SHAPES[args.shape]()

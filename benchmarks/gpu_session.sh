@@ -79,7 +79,7 @@ benches=("decode_bench.py --shape=llama3_8b --batch 1 8"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8 --draft_vocab 32768"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768 --draft_weight int8"
                                "decode_bench.py --shape=llama3_8b --batch 1 8")
-[ "$mode" = batching ] && benches=("batching_bench.py --shape=llama3_8b --batch 8 32 --prompts 64 --max_new 128 --repeats 2")
+[ "$mode" = batching ] && benches=("batching_bench.py --shape=llama3_8b --batch 8 32 --prompts 64 --max_new 128 --cache_len 2048 --repeats 2")
 for bench in "${benches[@]}"; do
   done_file="runs/bench_done.$(printf %s "$bench" | tr -c "A-Za-z0-9" _)"
   [ -f "$done_file" ] && continue  # finished in an earlier call

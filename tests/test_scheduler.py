@@ -67,7 +67,7 @@ def prompts():
 
 
 def continuous(engine, items, budget):
-  sched = ContinuousScheduler(engine, budget=budget)
+  sched = ContinuousScheduler(engine, budget=budget, spans=True)
   got = {}
 
   def on_finish(item, c):

@@ -27,6 +27,10 @@ from fspad_jax.generate import FINISH_REASONS
 
 DEFAULT_BUDGET = 32  # vanilla steps per host visit (speculative: a quarter of this)
 MIN_SPAN = 64  # smallest attention span
+# Span bucketing pays only when the unused part of the cache is large: on CPU XLA the
+# per-layer slice of a 192-slot cache cost more than the reads it saved (benchmarks/RESULTS.md,
+# "Continuous batching"), so by default caches below this attend over all their slots.
+SPAN_MIN_CACHE = 512
 
 
 @dataclasses.dataclass
@@ -50,9 +54,11 @@ class ContinuousScheduler:
 
   Timing, as BatchTimer: `total` (every host visit), `warm` and `warm_tokens` (visits that
   compiled nothing, and the tokens they produced); `visits` counts host visits.
-  spans=False attends over the whole cache (the span-bucketing baseline)."""
+  spans: True buckets the attention span, False attends over the whole cache, None (the
+  default) buckets it for caches of at least SPAN_MIN_CACHE slots."""
 
-  def __init__(self, engine: DecodeEngine, budget: int | None = None, spans: bool = True):
+  def __init__(self, engine: DecodeEngine, budget: int | None = None,
+               spans: bool | None = None):
     self.engine = engine
     self.decoder = engine.slot_decoder()
     spt = self.decoder.steps_per_token
@@ -122,7 +128,8 @@ class ContinuousScheduler:
       if live:
         total_len = state_cache_len(state)
         need = int(lengths[live].max()) + self.budget * dec.steps_per_token + dec.reserve
-        span = span_bucket(need, total_len) if self.spans else total_len
+        bucketed = self.spans if self.spans is not None else total_len >= SPAN_MIN_CACHE
+        span = span_bucket(need, total_len) if bucketed else total_len
         self.spans_used[span] += 1
         state = dec.run(state, self.budget, span)
         compiled |= dec.compiled_last
