@@ -334,10 +334,12 @@ class VanillaSlots:
     return state._replace(cache=grow_cache(state.cache, cache_len))
 
   @staticmethod
-  def poll(state: DecodeState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(done, tokens emitted, cache lengths) per slot, as numpy: three [batch] vectors."""
-    return tuple(np.asarray(x) for x in jax.device_get((state.done, state.num,
-                                                        state.cache.lengths)))
+  def poll(state: DecodeState) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(done, tokens emitted, cache lengths) per slot, as numpy [batch] vectors, and the
+    steps the last visit ran: one transfer."""
+    done, num, lengths, step = jax.device_get((state.done, state.num, state.cache.lengths,
+                                               state.step))
+    return np.asarray(done), np.asarray(num), np.asarray(lengths), int(step)
 
   def read(self, state: DecodeState, slots: list[int]) -> list[tuple[list[int], int, None]]:
     """The finished rows' (tokens, finish code, accept lengths None), those rows only."""

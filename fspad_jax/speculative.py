@@ -507,9 +507,10 @@ class SpecSlots:
                                                  state.draft_cache.max_len + extra))
 
   @staticmethod
-  def poll(state: SpecState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(np.asarray(x) for x in jax.device_get(
-        (state.done, state.num_tokens, state.target_cache.lengths)))
+  def poll(state: SpecState) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    done, num, lengths, step = jax.device_get(
+        (state.done, state.num_tokens, state.target_cache.lengths, state.step))
+    return np.asarray(done), np.asarray(num), np.asarray(lengths), int(step)
 
   def read(self, state: SpecState, slots: list[int]) -> list[tuple[list[int], int, list[int]]]:
     idx = np.asarray(slots)

@@ -66,6 +66,7 @@ class ContinuousScheduler:
     self.spans = spans
     self.total = self.warm = 0.0
     self.warm_tokens = self.visits = 0
+    self.device_steps = 0  # batch steps run on device (every slot advances once per step)
     self.spans_used: collections.Counter = collections.Counter()
 
   @property
@@ -133,7 +134,8 @@ class ContinuousScheduler:
         self.spans_used[span] += 1
         state = dec.run(state, self.budget, span)
         compiled |= dec.compiled_last
-      new_done, num, new_lengths = dec.poll(state)
+      new_done, num, new_lengths, steps = dec.poll(state)
+      self.device_steps += steps if live else 0
       occupied = np.asarray([s is not None for s in slots])
       produced = int(np.sum(np.where(occupied, num - emitted, 0)))
       emitted = np.where(occupied, num, 0)
