@@ -337,11 +337,14 @@ class DecodeEngine:
             for i in range(n)]
 
   def generate(self, prompts: Sequence[Sequence[int]], seed: int = 0) -> list[Completion]:
-    """Decodes any number of prompts, batch_size at a time."""
+    """Decodes any number of prompts, batch_size at a time (prompt k samples with
+    record_seed(seed, str(k)))."""
     b = self.settings.batch_size
     out = []
     for i in range(0, len(prompts), b):
-      out += self.generate_batch(prompts[i:i + b], seed=batch_seed(seed, i // b))
+      chunk = prompts[i:i + b]
+      out += self.generate_batch(chunk, row_seeds=[record_seed(seed, str(i + k))
+                                                   for k in range(len(chunk))])
     return out
 
 
