@@ -13,6 +13,10 @@
 #       at batch 8 and 32 (tree_auto_bench: the start-up timings at Llama-3-8B shapes with
 #       random bf16 weights, the chosen tree and its expected speedup against the fixed
 #       6/10/60 tree, from a stated agreement profile); no pipeline, no carried data needed
+#   bash benchmarks/gpu_session.sh SECONDS batching   # issue 12: continuous batching against
+#       static batches on Llama-3-8B shapes (random bf16 weights), batch 8 and 32, skewed
+#       output lengths, vanilla tokens/s against the weight-streaming bound, with and without
+#       attention-span bucketing (batching_bench); no pipeline, no carried data needed
 #
 # Expects, prepared on a machine with package registries (the GPU image lacks them):
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
@@ -81,6 +85,7 @@ benches=("decode_bench.py --shape=llama3_8b --batch 1 8"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768 --draft_weight int8"
                                "decode_bench.py --shape=llama3_8b --batch 1 8")
 [ "$mode" = tree_auto ] && benches=("tree_auto_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 8 32")
+[ "$mode" = batching ] && benches=("batching_bench.py --shape=llama3_8b --batch 8 32 --prompts 64 --max_new 128 --cache_len 2048 --repeats 2")
 for bench in "${benches[@]}"; do
   done_file="runs/bench_done.$(printf %s "$bench" | tr -c "A-Za-z0-9" _)"
   [ -f "$done_file" ] && continue  # finished in an earlier call

@@ -178,8 +178,8 @@ def vanilla_hlo(cfg, batch: int, cache_len: int) -> str:
   cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, cache_len))
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
   state = DecodeState(i32(), i32(batch, 64), cache, i32(batch),
-                      jax.ShapeDtypeStruct((batch,), bool), i32(batch),
-                      jax.eval_shape(lambda: jax.random.key(0)))
+                      jax.ShapeDtypeStruct((batch,), bool), i32(batch), i32(batch),
+                      jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch)))
   fn = jax.jit(lambda p, s: decode_step(nnx.merge(graphdef, p), s, options),
                donate_argnums=1)
   return fn.lower(params, state).compile().as_text()

@@ -9,9 +9,14 @@ The library behind `decode.py`, usable from a notebook:
 
 Each input line holds an `id` and exactly one of `prompt` (raw text), `messages` (a chat),
 `turns` (user messages answered in sequence, MT-bench style) or `input_ids`. Prompts are
-decoded in batches of a static shape: `decode.batch_size` rows (a short batch is filled with
-copies of its first row, discarded), right-padded to a bucketed length (at least
-`decode.min_prompt_bucket`), so that one compiled function serves every batch of a bucket.
+decoded on `decode.batch_size` slots with continuous batching (fspad_jax/decoding/scheduler.py;
+`decode.schedule=continuous`, the default): a row's slot is refilled with the next prompt, or
+the next turn of a `turns` record, as soon as it finishes. Prompts are right-padded to a
+bucketed length (at least `decode.min_prompt_bucket`), so one compiled prefill serves each
+bucket. `decode.schedule=static` decodes batches instead (a short batch is filled with copies
+of its first row, discarded), each until its longest row is done. Each record's turn samples
+with its own seed (run seed, id, turn), so outputs do not depend on the schedule, the slot or
+the neighbours. Records are written as they finish (in completion order, not input order).
 Each output line is written whole, then flushed and fsync'ed; a rerun skips the ids already
 written and drops a partial last line.
 
@@ -30,8 +35,9 @@ prefill: the mean of accepted + 1 over its verify steps; null without any step),
 forward per token: target_forwards = new_tokens and mean_accept_len 1.0. `turns` records
 hold them per turn, and pooled over the turns at the top level.
 
-`run_decode(..., compare_vanilla=True)` (decode.py --compare_vanilla) also decodes every
-batch with vanilla decoding (a second engine sharing the loaded target weights) and reports
+`run_decode(..., compare_vanilla=True)` (decode.py --compare_vanilla) decodes static batches
+(the paired timing needs the same work on both sides) and decodes every batch with vanilla
+decoding (a second engine sharing the loaded target weights) and reports
 the speedup, the ratio of tokens/s, from warm calls only: both engines decode each batch
 `decode.timing_repeats` times without compiling, alternating, and each batch contributes
 the median time of each (PairedTimer). Greedy runs also check that the outputs are identical
@@ -53,12 +59,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fspad_jax import console
-from fspad_jax.decoding.engine import (METHODS, Completion, DecodeEngine, batch_seed,
-                                       bucket_length, default_stop_token_ids)
+from fspad_jax.decoding.engine import (METHODS, Completion, DecodeEngine, bucket_length,
+                                       default_stop_token_ids, record_seed)
 from fspad_jax.decoding.output_guard import OutputLock, check_settings, job_settings
 from fspad_jax.decoding.records import (OutputScan, Problem, Record, JsonlWriter,
                                         check_input_path, check_output_path, id_key,
                                         load_records, scan_output, too_long_reason)
+from fspad_jax.decoding.scheduler import ContinuousScheduler, WorkItem, run_static
 from fspad_jax.decoding.settings import (MIN_BUCKET, TIMING_REPEATS, USER_ERRORS, DecodeError,
                                          DecodeSettings, check_seed, config_value,
                                          decode_settings, resolve_target_path)
@@ -255,67 +262,75 @@ def _decode_job(config, input_path: str, output_path: str, settings: DecodeSetti
   pending = [r for r in records if id_key(r.id) not in done]
 
   writer = JsonlWriter(output_path) if is_writer else None
-  queue = collections.deque(_Job(r, r.input_ids) for r in pending)
+  jobs = [_Job(r, r.input_ids) for r in pending]
   stats = collections.Counter()
-  timer = PairedTimer(settings.timing_repeats) if vanilla is not None else BatchTimer()
   depth_hits = np.zeros(settings.tree_depth + 1, np.int64)  # [D+1]: steps accepting >= d
   record_taus, mismatches = [], []
   bar = console.progress(len(pending), f"decode[{unit_name(engine)}]", "rec",
                          enabled=progress)
+
+  def finish(job: _Job, c: Completion) -> list[_Job]:
+    """Books one decoded turn; writes the record when it is complete. Returns [job] when
+    its next turn is to be decoded."""
+    text = engine.decode_text(c.output_ids)
+    job.results.append((c, text))
+    stats["new_tokens"] += c.new_tokens
+    stats["prompt_tokens"] += c.prompt_tokens
+    stats["steps"] += c.steps
+    stats["committed"] += c.committed
+    stats["target_forwards"] += c.target_forwards
+    stats[f"finish_{c.finish_reason}"] += 1
+    if c.accept_lengths:
+      a = np.minimum(np.asarray(c.accept_lengths), settings.tree_depth)
+      depth_hits[:] += np.bincount(a, minlength=settings.tree_depth + 1)[::-1].cumsum()[::-1]
+    rec = job.record
+    if rec.kind == "turns" and len(job.results) < len(rec.turns):
+      nxt = _next_turn(job, text, engine)
+      if not isinstance(nxt, Problem):
+        return [job]
+      if strict:
+        raise DecodeError(nxt.where(input_path) + " (--strict)")
+      log(f"{nxt.where(input_path)} (skipped)")
+      problems.append(nxt)
+      stats["failed"] += 1
+    else:
+      committed, steps = job.committed_steps
+      if steps:
+        record_taus.append(committed / steps)
+      if greedy_check:
+        bad = job.mismatches()
+        mismatches.extend(bad)
+        stats["checked"] += 1
+        stats["matched"] += not bad
+      if writer is not None:
+        writer.write(job.output(check_vanilla=greedy_check))
+      stats["decoded"] += 1
+    bar.update(1)
+    if timer.warm:  # compile-free calls only
+      bar.set_postfix_str(f"{stats['decoded']} done, {timer.warm_tokens / timer.warm:.1f} tok/s")
+    return []
+
+  def work(job: _Job) -> WorkItem:
+    return WorkItem(job.prompt, record_seed(run_seed, id_key(job.record.id), len(job.results)),
+                    settings.max_new_tokens, job)
+
+  def finish_static(item: WorkItem, c: Completion, v: Completion | None) -> list[WorkItem]:
+    if v is not None:  # --compare_vanilla: the same prompt decoded by vanilla
+      item.tag.vanilla.append(v)
+      stats["vanilla_new_tokens"] += v.new_tokens
+    return [work(j) for j in finish(item.tag, c)]
+
+  # --compare_vanilla times both methods on the same static batches (PairedTimer).
+  static = vanilla is not None or settings.schedule == "static"
+  if static:
+    timer = PairedTimer(settings.timing_repeats) if vanilla is not None else BatchTimer()
+  else:
+    timer = ContinuousScheduler(engine)
   try:
-    while queue:
-      jobs = [queue.popleft() for _ in range(min(settings.batch_size, len(queue)))]
-      prompts = [j.prompt for j in jobs]
-      bseed = batch_seed(run_seed, stats["batches"])
-      if vanilla is not None:
-        completions, vanilla_out = timer.run(engine, vanilla, prompts, bseed)
-        for job, v in zip(jobs, vanilla_out):
-          job.vanilla.append(v)
-          stats["vanilla_new_tokens"] += v.new_tokens
-      else:
-        completions = timer.run(engine, prompts, bseed)
-      stats["batches"] += 1
-      followups = []
-      for job, c in zip(jobs, completions):
-        text = engine.decode_text(c.output_ids)
-        job.results.append((c, text))
-        stats["new_tokens"] += c.new_tokens
-        stats["prompt_tokens"] += c.prompt_tokens
-        stats["steps"] += c.steps
-        stats["committed"] += c.committed
-        stats["target_forwards"] += c.target_forwards
-        stats[f"finish_{c.finish_reason}"] += 1
-        if c.accept_lengths:
-          a = np.minimum(np.asarray(c.accept_lengths), settings.tree_depth)
-          depth_hits += np.bincount(a, minlength=settings.tree_depth + 1)[::-1].cumsum()[::-1]
-        rec = job.record
-        if rec.kind == "turns" and len(job.results) < len(rec.turns):
-          nxt = _next_turn(job, text, engine)
-          if isinstance(nxt, Problem):
-            if strict:
-              raise DecodeError(nxt.where(input_path) + " (--strict)")
-            log(f"{nxt.where(input_path)} (skipped)")
-            problems.append(nxt)
-            stats["failed"] += 1
-            bar.update(1)
-          else:
-            followups.append(job)
-          continue
-        committed, steps = job.committed_steps
-        if steps:
-          record_taus.append(committed / steps)
-        if greedy_check:
-          bad = job.mismatches()
-          mismatches += bad
-          stats["checked"] += 1
-          stats["matched"] += not bad
-        if writer is not None:
-          writer.write(job.output(check_vanilla=greedy_check))
-        stats["decoded"] += 1
-        bar.update(1)
-      queue.extendleft(reversed(followups))  # finish multi-turn records first
-      if timer.warm:  # compile-free calls only
-        bar.set_postfix_str(f"{timer.warm_tokens / timer.warm:.1f} tok/s")
+    if static:
+      stats["batches"] = run_static(engine, vanilla, timer, map(work, jobs), finish_static)
+    else:
+      timer.run(map(work, jobs), lambda item, c: [work(j) for j in finish(item.tag, c)])
   finally:
     bar.close()
     if writer is not None:
@@ -342,8 +357,12 @@ def _decode_job(config, input_path: str, output_path: str, settings: DecodeSetti
       "prompt_tokens": stats["prompt_tokens"],
       "finish_reasons": {r: stats[f"finish_{r}"] for r in FINISH_REASONS.values()
                          if stats[f"finish_{r}"]},
-      "batches": stats["batches"],
-      "compiled_shapes": len(engine.compiled_shapes),
+      "schedule": "static" if static else "continuous",
+      "batches": stats["batches"],  # static schedule: batch calls
+      "host_visits": None if static else timer.visits,  # continuous: device loop calls
+      # Compiled functions: static batches, one per (prompt bucket, cache); continuous, one
+      # per slot function and shape (prompt bucket, attention span, cache).
+      "compiled_shapes": len(engine.compiled_shapes) if static else timer.compiled_shapes,
       # The calls whose outputs are kept (compilation included, timing repeats not).
       "decode_time_s": round(timer.total, 4),
       "tokens_per_s": tokens_per_s(stats["new_tokens"], timer.total) or 0.0,

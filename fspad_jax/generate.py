@@ -16,7 +16,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from fspad_jax.model import KVCache, Transformer
-from fspad_jax.sampling import SamplingParams, sample_tokens
+from fspad_jax.slots import grow_cache, insert_rows
+from fspad_jax.sampling import SamplingParams, fold_rows, row_keys, sample_tokens
 from fspad_jax.sharding import (LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated,
                                 to_host)
 
@@ -81,57 +82,78 @@ def constrain_cache(cache: KVCache, mesh, rules: ShardingRules) -> KVCache:
 
 
 class DecodeState(NamedTuple):
-  """Vanilla decoding state between tokens (one row per prompt)."""
+  """Vanilla decoding state between tokens (one row per prompt, or per slot)."""
 
-  step: Array  # scalar int32: next column of `tokens`
+  step: Array  # scalar int32: steps taken by this loop (a budget counter, not a column)
   tokens: Array  # [batch, max_new_tokens] int32, -1 padded
   cache: KVCache
   last: Array  # [batch] int32: the newest token, not yet run through the target
   done: Array  # [batch] bool
-  num: Array  # [batch] int32: tokens emitted so far
-  rng: Array
+  num: Array  # [batch] int32: tokens emitted so far (the next column of `tokens`)
+  limit: Array  # [batch] int32: this row's max new tokens (<= max_new_tokens)
+  keys: Array  # [batch] PRNG keys, one per row: token j is drawn with fold_in(key, j)
 
 
-def decode_step(model: Transformer, state: DecodeState, options: GenerateOptions
-                ) -> DecodeState:
-  """One target forward over each row's newest token, then sample the next one."""
-  step, tokens, cache, last, done, num, rng = state
+def decode_step(model: Transformer, state: DecodeState, options: GenerateOptions,
+                span: int | None = None) -> DecodeState:
+  """One target forward over each row's newest token, then sample the next one. span: the
+  attention span (static; every live row's length must be below it)."""
+  step, tokens, cache, last, done, num, limit, keys = state
   positions = cache.lengths[:, None]  # [batch, 1]
-  logits, _, cache = model(last[:, None], positions, cache)
+  logits, _, cache = model(last[:, None], positions, cache, span=span)
   cache = cache.replace(lengths=cache.lengths + (~done).astype(jnp.int32))
-  if options.sampling.greedy:
-    nxt = sample_tokens(None, logits[:, 0], options.sampling)  # no PRNG work when greedy
+  if options.sampling.greedy:  # no PRNG work when greedy
+    nxt = sample_tokens(None, logits[:, 0], options.sampling)
   else:
-    rng, sub = jax.random.split(rng)
-    nxt = sample_tokens(sub, logits[:, 0], options.sampling)
-  nxt = jnp.where(done, -1, nxt)
-  tokens = tokens.at[:, step].set(nxt)
+    nxt = sample_tokens(fold_rows(keys, num), logits[:, 0], options.sampling)
+  rows = jnp.arange(tokens.shape[0])
+  tokens = tokens.at[rows, jnp.where(done, tokens.shape[1], num)].set(nxt, mode="drop")
   num = num + (~done).astype(jnp.int32)
-  done = done | is_stop(nxt, options.stop_token_ids) | (num >= options.max_new_tokens)
-  return DecodeState(step + 1, tokens, cache, jnp.maximum(nxt, 0), done, num, rng)
+  done = done | is_stop(nxt, options.stop_token_ids) | (num >= limit)
+  last = jnp.where(done, last, jnp.maximum(nxt, 0))
+  return DecodeState(step + 1, tokens, cache, last, done, num, limit, keys)
+
+
+def first_state(model: Transformer, prompt: Array, prompt_lengths: Array, keys: Array,
+                limits: Array, options: GenerateOptions, cache: KVCache) -> DecodeState:
+  """Prefill right-padded prompts [batch, seq] into an empty cache and draw each row's first
+  token (keys [batch], limits [batch] max new tokens per row)."""
+  batch = prompt.shape[0]
+  _, logits, cache = prefill(model, prompt, prompt_lengths, cache)
+  first = sample_tokens(None if options.sampling.greedy else
+                        fold_rows(keys, jnp.zeros((batch,), jnp.int32)), logits,
+                        options.sampling)  # [batch]
+  tokens = jnp.full((batch, options.max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+  done = is_stop(first, options.stop_token_ids) | (limits <= 1)
+  return DecodeState(jnp.int32(0), tokens, cache, first, done, jnp.ones((batch,), jnp.int32),
+                     limits.astype(jnp.int32), keys)
+
+
+def finish_reasons(tokens: Array, num: Array, stop_token_ids: tuple[int, ...]) -> Array:
+  """[batch] FINISH_STOP when a row's last token is a stop token, else FINISH_LENGTH."""
+  last_tok = jnp.take_along_axis(tokens, jnp.maximum(num - 1, 0)[:, None], axis=1)[:, 0]
+  return jnp.where(is_stop(last_tok, stop_token_ids), FINISH_STOP, FINISH_LENGTH
+                   ).astype(jnp.int32)
 
 
 def generate(model: Transformer, prompt: Array, prompt_lengths: Array, rng: Array,
-             options: GenerateOptions, mesh=None, rules: ShardingRules | None = None
-             ) -> GenerateOutput:
-  """Prefill, then decode until every row hit a stop token or max_new_tokens (traceable)."""
+             options: GenerateOptions, mesh=None, rules: ShardingRules | None = None,
+             limits: Array | None = None) -> GenerateOutput:
+  """Prefill, then decode until every row hit a stop token or its limit (traceable).
+
+  rng: [batch] PRNG keys, one per row (one key is split into one per row); limits: [batch]
+  max new tokens per row (default options.max_new_tokens)."""
   batch = prompt.shape[0]
   max_new = options.max_new_tokens
+  keys = jax.random.split(rng, batch) if jnp.ndim(rng) == 0 else rng
+  limits = jnp.full((batch,), max_new, jnp.int32) if limits is None else limits
   cache = KVCache.create(model.cfg, batch, options.cache_len)
   cache = constrain_cache(cache, mesh, rules or ShardingRules())
-  _, logits, cache = prefill(model, prompt, prompt_lengths, cache)
-  rng, sub = jax.random.split(rng)
-  first = sample_tokens(sub, logits, options.sampling)  # [batch]
-  tokens = jnp.full((batch, max_new), -1, jnp.int32).at[:, 0].set(first)
-  done = is_stop(first, options.stop_token_ids) | (max_new <= 1)
-  state = DecodeState(jnp.int32(1), tokens, cache, first, done, jnp.ones((batch,), jnp.int32),
-                      rng)
-  state = jax.lax.while_loop(lambda s: (s.step < max_new) & ~jnp.all(s.done),
+  state = first_state(model, prompt, prompt_lengths, keys, limits, options, cache)
+  state = jax.lax.while_loop(lambda s: (s.step < max_new - 1) & ~jnp.all(s.done),
                              lambda s: decode_step(model, s, options), state)
-  tokens, num = state.tokens, state.num
-  last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
-  reason = jnp.where(is_stop(last_tok, options.stop_token_ids), FINISH_STOP, FINISH_LENGTH)
-  return GenerateOutput(tokens, num, reason.astype(jnp.int32))
+  return GenerateOutput(state.tokens, state.num,
+                        finish_reasons(state.tokens, state.num, options.stop_token_ids))
 
 
 def prompt_shardings(mesh, rules: ShardingRules, batch: int
@@ -141,10 +163,18 @@ def prompt_shardings(mesh, rules: ShardingRules, batch: int
           rules.sharding(mesh, LOGICAL_LAYOUTS["batch_vector"], (batch,)))
 
 
-def place_prompts(prompt: np.ndarray, lengths: np.ndarray, seed: int, mesh,
-                  rules: ShardingRules) -> tuple[Array, Array, Array]:
-  """Checks right-padded prompts and places (prompt, lengths, PRNG key data) on the mesh,
-  from every process alike."""
+def default_row_seeds(seed: int, batch: int) -> np.ndarray:
+  """[batch] int32 per-row seeds derived from one call seed (rows of a call differ)."""
+  return (np.random.SeedSequence([int(seed), 0x5EED]).generate_state(batch) >> 1
+          ).astype(np.int32)
+
+
+def place_prompts(prompt: np.ndarray, lengths: np.ndarray, row_seeds: np.ndarray, mesh,
+                  rules: ShardingRules, limits: np.ndarray | None = None,
+                  max_new_tokens: int = 1) -> tuple[Array, Array, Array, Array]:
+  """Checks right-padded prompts and places (prompt, lengths, row seeds, row limits) on the
+  mesh, from every process alike. row_seeds [batch] int32 seed each row's PRNG key; limits
+  [batch] cap each row's new tokens (default max_new_tokens)."""
   prompt = np.asarray(prompt, np.int32)
   lengths = np.asarray(lengths, np.int32)
   if prompt.ndim != 2 or lengths.shape != prompt.shape[:1]:
@@ -152,10 +182,16 @@ def place_prompts(prompt: np.ndarray, lengths: np.ndarray, seed: int, mesh,
                      f"and {lengths.shape}")
   if lengths.min() < 1 or lengths.max() > prompt.shape[1]:
     raise ValueError(f"prompt lengths must be in 1..{prompt.shape[1]}, got {lengths.tolist()}")
-  tok_sh, vec_sh = prompt_shardings(mesh, rules, prompt.shape[0])
-  rng = np.asarray(jax.random.key_data(jax.random.key(seed)))
+  batch = prompt.shape[0]
+  row_seeds = np.broadcast_to(np.asarray(row_seeds, np.int32), (batch,))
+  limits = np.broadcast_to(np.asarray(max_new_tokens if limits is None else limits, np.int32),
+                           (batch,))
+  if limits.min() < 1 or limits.max() > max_new_tokens:
+    raise ValueError(f"row limits must be in 1..{max_new_tokens}, got {limits.tolist()}")
+  tok_sh, vec_sh = prompt_shardings(mesh, rules, batch)
   return (host_to_global(prompt, tok_sh), host_to_global(lengths, vec_sh),
-          host_to_global(rng, replicated(mesh)))
+          host_to_global(np.ascontiguousarray(row_seeds), vec_sh),
+          host_to_global(np.ascontiguousarray(limits), vec_sh))
 
 
 class VanillaGenerator:
@@ -179,24 +215,141 @@ class VanillaGenerator:
       tok_sh, vec_sh = prompt_shardings(mesh, rules, batch)
       rep = replicated(mesh)
 
-      def run(params, prompt, lengths, rng_data):
+      def run(params, prompt, lengths, seeds, limits):
         model = nnx.merge(graphdef, params)
-        rng = jax.random.wrap_key_data(rng_data)
-        return generate(model, prompt, lengths, rng, options, mesh, rules)
+        return generate(model, prompt, lengths, row_keys(seeds), options, mesh, rules, limits)
 
       self._compiled[key] = jax.jit(
-          run, in_shardings=(param_sh, tok_sh, vec_sh, rep),
+          run, in_shardings=(param_sh, tok_sh, vec_sh, vec_sh, vec_sh),
           out_shardings=GenerateOutput(rep, rep, rep))
     return self._compiled[key]
 
   def __call__(self, prompt: np.ndarray, lengths: np.ndarray, options: GenerateOptions,
-               seed: int = 0) -> GenerateOutput:
-    """prompt [batch, seq] right-padded int32, lengths [batch]. Returns numpy outputs."""
-    placed = place_prompts(prompt, lengths, seed, self.mesh, self.rules)
+               seed: int = 0, row_seeds: np.ndarray | None = None,
+               limits: np.ndarray | None = None) -> GenerateOutput:
+    """prompt [batch, seq] right-padded int32, lengths [batch]. row_seeds [batch] seed each
+    row's sampling (default: derived from `seed` and the row index); limits [batch]: max new
+    tokens per row. Returns numpy outputs."""
+    batch = np.shape(prompt)[0]
+    row_seeds = default_row_seeds(seed, batch) if row_seeds is None else row_seeds
+    placed = place_prompts(prompt, lengths, row_seeds, self.mesh, self.rules, limits,
+                           options.max_new_tokens)
     need = int(np.max(lengths)) + options.max_new_tokens
     if need > options.cache_len or np.shape(prompt)[1] > options.cache_len:
       raise ValueError(
           f"cache_len={options.cache_len} is too small for prompts of {int(np.max(lengths))} "
           f"tokens plus max_new_tokens={options.max_new_tokens} (needs {need})")
-    out = self._fn(options, np.shape(prompt)[0])(self.params, *placed)
+    out = self._fn(options, batch)(self.params, *placed)
     return GenerateOutput(*(to_host(x) for x in out))
+
+
+# ------------------------------------------------------------- continuous batching (slots)
+
+
+def run_steps(model: Transformer, state: DecodeState, budget: Array, options: GenerateOptions,
+              span: int) -> DecodeState:
+  """Up to `budget` decode steps (traceable; one host visit), leaving early when a row
+  finishes or a live row would outgrow the attention span `span` (static)."""
+  done0 = state.done  # [batch]: rows already finished (or idle) at the visit's start
+
+  def cond(s: DecodeState):
+    longest = jnp.max(jnp.where(s.done, 0, s.cache.lengths))
+    return ((s.step < budget) & ~jnp.all(s.done) & ~jnp.any(s.done & ~done0)
+            & (longest < span))
+
+  return jax.lax.while_loop(cond, lambda s: decode_step(model, s, options, span),
+                            state._replace(step=jnp.int32(0)))
+
+
+class VanillaSlots:
+  """Device-side slot functions of continuous batching for vanilla decoding: a DecodeState of
+  `batch` slots, each holding one prompt; a slot is refilled (`insert`) when its row is done.
+
+  Every function is jitted once per static shape (prompt bucket, attention span, cache
+  length) with the state donated; `compiled_last` says whether the last call compiled."""
+
+  steps_per_token = 1  # cache slots one decode step may add to a row
+  reserve = 1  # slots a step needs beyond a row's length (its own write)
+
+  def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, mesh,
+               rules: ShardingRules | None, options: GenerateOptions, batch: int):
+    self.graphdef, self.params, self.mesh = graphdef, params, mesh
+    self.rules = rules or ShardingRules()
+    self.options, self.batch = options, batch
+    self.cfg = nnx.merge(graphdef, params).cfg
+    self._compiled: dict = {}
+    self.compiled_last = False
+
+  def _jit(self, key, make):
+    self.compiled_last = key not in self._compiled
+    if self.compiled_last:
+      self._compiled[key] = make()
+    return self._compiled[key]
+
+  def _model(self, params) -> Transformer:
+    return nnx.merge(self.graphdef, params)
+
+  def empty(self, cache_len: int) -> DecodeState:
+    """Every slot idle (done) with an empty cache of cache_len slots."""
+    def make():
+      def fn():
+        cache = constrain_cache(KVCache.create(self.cfg, self.batch, cache_len),
+                                self.mesh, self.rules)
+        b, m = self.batch, self.options.max_new_tokens
+        return DecodeState(jnp.int32(0), jnp.full((b, m), -1, jnp.int32), cache,
+                           jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool),
+                           jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.int32),
+                           row_keys(jnp.zeros((b,), jnp.int32)))
+      return jax.jit(fn)
+    return self._jit(("empty", cache_len), make)()
+
+  def insert(self, state: DecodeState, slots: np.ndarray, prompt: np.ndarray,
+             lengths: np.ndarray, seeds: np.ndarray, limits: np.ndarray) -> DecodeState:
+    """Prefills prompts [n, padded] (right-padded) in one call and writes row i into slot
+    slots[i] ([n] int32; a repeated slot must repeat its row)."""
+    n, padded = prompt.shape
+    cache_len = state.cache.max_len
+    options = self.options
+
+    def make():
+      def fn(params, state, slots, prompt, lengths, seeds, limits):
+        model = self._model(params)
+        cache = KVCache.create(model.cfg, n, cache_len)
+        rows = first_state(model, prompt, lengths, row_keys(seeds), limits, options, cache)
+        return insert_rows(state, rows, slots)
+      return jax.jit(fn, donate_argnums=(1,))
+    fn = self._jit(("insert", n, padded, cache_len), make)
+    return fn(self.params, state, jnp.asarray(slots, jnp.int32), jnp.asarray(prompt, jnp.int32),
+              jnp.asarray(lengths, jnp.int32), jnp.asarray(seeds, jnp.int32),
+              jnp.asarray(limits, jnp.int32))
+
+  def run(self, state: DecodeState, budget: int, span: int) -> DecodeState:
+    options = self.options
+
+    def make():
+      return jax.jit(lambda params, state, budget: run_steps(
+          self._model(params), state, budget, options, span), donate_argnums=(1,))
+    return self._jit(("run", span, state.cache.max_len), make)(self.params, state,
+                                                               jnp.int32(budget))
+
+  def grow(self, state: DecodeState, cache_len: int) -> DecodeState:
+    return state._replace(cache=grow_cache(state.cache, cache_len))
+
+  @staticmethod
+  def poll(state: DecodeState) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(done, tokens emitted, cache lengths) per slot, as numpy [batch] vectors, and the
+    steps the last visit ran: one transfer."""
+    done, num, lengths, step = jax.device_get((state.done, state.num, state.cache.lengths,
+                                               state.step))
+    return np.asarray(done), np.asarray(num), np.asarray(lengths), int(step)
+
+  def read(self, state: DecodeState, slots: list[int]) -> list[tuple[list[int], int, None]]:
+    """The finished rows' (tokens, finish code, accept lengths None), those rows only."""
+    tokens, num = jax.device_get((state.tokens[np.asarray(slots)],
+                                  state.num[np.asarray(slots)]))
+    stops = set(self.options.stop_token_ids)
+    out = []
+    for row, n in zip(tokens, num):
+      ids = [int(t) for t in row[:n]]
+      out.append((ids, FINISH_STOP if ids and ids[-1] in stops else FINISH_LENGTH, None))
+    return out

@@ -140,6 +140,10 @@ def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Arr
   """Masks in cache-slot space. cache_lengths None means no KV cache: the block attends only
   to itself (training).
 
+  max_len is the attention span: queries see slots 0..max_len-1 only, so a span below the
+  cache's size (every slot in use, the block's write slots included, must lie below it)
+  reads that many slots per layer instead of the whole cache.
+
   A query sees the committed prefix (slots < cache_lengths) and the slots where the block's
   tokens it may see (block_mask, causal by default) are written."""
   batch, seq = positions.shape
@@ -215,7 +219,11 @@ class Attention(nnx.Module):
       write = lambda c, new: c.at[layer, rows, heads, slots].set(new.astype(c.dtype),
                                                                  mode="drop")
       cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
-      keys, values = cache.k[layer], cache.v[layer]  # [batch, kv_heads, max_len, head_dim]
+      # Read only the attention span (the mask's width: the slots in use, see
+      # make_attention_inputs); the whole layer when the span is the cache.
+      span = att.mask.shape[-1]
+      keys = cache.k[layer, :, :, :span]  # [batch, kv_heads, span, head_dim]
+      values = cache.v[layer, :, :, :span]
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum("bskgh,bkth->bkgst", qg, keys.astype(q.dtype),
@@ -278,8 +286,8 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def features(self, tokens: Array, positions: Array, cache: KVCache | None,
-               block_mask: Array | None = None, write_slots: Array | None = None
-               ) -> tuple[Array, KVCache | None]:
+               block_mask: Array | None = None, write_slots: Array | None = None,
+               span: int | None = None) -> tuple[Array, KVCache | None]:
     """Runs a block of new tokens. Returns (features [batch, seq, embed], cache).
 
     tokens, positions: [batch, seq] int32 (positions drive RoPE; for a tree, prefix
@@ -287,14 +295,16 @@ class Transformer(nnx.Module):
     write_slots: [batch, seq] cache slots for the block's K/V (default: right after the
     committed prefix). The returned cache keeps `lengths`: callers commit explicitly.
     With cache=None the block attends only to itself and no cache is kept (training).
+    span (static): attend over cache slots < span only (default: the whole cache); every
+    committed slot and write slot of a row must lie below it.
     """
     feats, _, cache = self.features_and_taps(tokens, positions, cache, (), block_mask,
-                                             write_slots)
+                                             write_slots, span)
     return feats, cache
 
   def features_and_taps(self, tokens: Array, positions: Array, cache: KVCache | None,
                         layers: tuple[int, ...], block_mask: Array | None = None,
-                        write_slots: Array | None = None
+                        write_slots: Array | None = None, span: int | None = None
                         ) -> tuple[Array, Array | None, KVCache | None]:
     """`features`, plus the hidden states of `layers` from the same pass (no extra work).
 
@@ -307,8 +317,9 @@ class Transformer(nnx.Module):
     if cache is None:
       att = make_attention_inputs(self.cfg, positions, None, 0, block_mask, None)
     else:
-      att = make_attention_inputs(self.cfg, positions, cache.lengths, cache.max_len,
-                                  block_mask, write_slots)
+      att = make_attention_inputs(self.cfg, positions, cache.lengths,
+                                  min(span or cache.max_len, cache.max_len), block_mask,
+                                  write_slots)
     x = self.embed(tokens)
     hidden = {0: x} if 0 in layers else {}
     for index, layer in enumerate(self.layers):
@@ -320,9 +331,9 @@ class Transformer(nnx.Module):
     taps = jnp.concatenate([hidden[i] for i in layers], axis=-1) if layers else None
     return feats, taps, cache
 
-  def __call__(self, tokens, positions, cache, block_mask=None, write_slots=None):
+  def __call__(self, tokens, positions, cache, block_mask=None, write_slots=None, span=None):
     """Returns (logits [batch, seq, vocab] float32, features [batch, seq, embed], cache)."""
-    feats, cache = self.features(tokens, positions, cache, block_mask, write_slots)
+    feats, cache = self.features(tokens, positions, cache, block_mask, write_slots, span)
     return self.logits(feats), feats, cache
 
 

@@ -68,7 +68,24 @@ def sample_from_probs(rng: Array, probs: Array) -> Array:
 
 
 def sample_tokens(rng: Array, logits: Array, params: SamplingParams) -> Array:
-  """Draws next tokens [...] from logits [..., vocab] under `params`."""
+  """Draws next tokens [...] from logits [..., vocab] under `params`.
+
+  rng: one PRNG key, or one key per row ([batch] typed keys, logits [batch, ..., vocab]), so
+  that a row's draw depends on its own key only (not on its batch slot or neighbours). Unused
+  (may be None) when greedy."""
   if params.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return sample_from_probs(rng, processed_probs(logits, params))
+  probs = processed_probs(logits, params)
+  if jnp.ndim(rng) == 0:
+    return sample_from_probs(rng, probs)
+  return jax.vmap(sample_from_probs)(rng, probs)
+
+
+def row_keys(seeds: Array) -> Array:
+  """[batch] int32 seeds -> [batch] typed PRNG keys, one per row."""
+  return jax.vmap(jax.random.key)(seeds)
+
+
+def fold_rows(keys: Array, index: Array) -> Array:
+  """Each row's key folded with its own counter: keys [batch], index [batch] int -> [batch]."""
+  return jax.vmap(jax.random.fold_in)(keys, index)

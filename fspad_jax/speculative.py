@@ -43,12 +43,13 @@ from flax import nnx
 
 from fspad_jax import tree as tree_lib
 from fspad_jax.draft import Draft, draft_logits
-from fspad_jax.generate import (FINISH_LENGTH, FINISH_STOP, is_stop, place_prompts, prefill,
-                                prompt_shardings)
+from fspad_jax.generate import (FINISH_LENGTH, FINISH_STOP, default_row_seeds, is_stop,
+                                place_prompts, prefill, prompt_shardings)
 from fspad_jax.hot_vocab import DraftVocab, hot_logits, make_draft_vocab
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, move_slots, rope_tables
-from fspad_jax.sampling import SamplingParams, sample_tokens
+from fspad_jax.sampling import SamplingParams, fold_rows, row_keys, sample_tokens
 from fspad_jax.sharding import ShardingRules, replicated, to_host
+from fspad_jax.slots import grow_cache, insert_rows
 
 Array = jax.Array
 
@@ -98,9 +99,11 @@ class SpecState(NamedTuple):
   done: Array  # [batch] bool
   finish_reason: Array  # [batch] int32
   accept_history: Array  # [batch, max_new_tokens] int32: accepted draft tokens per step, -1
-  steps: Array  # [batch] int32: verification steps taken by each row
-  step: Array  # scalar int32
-  rng: Array
+  steps: Array  # [batch] int32: verification steps taken by each row (its history column)
+  step: Array  # scalar int32: steps taken by this loop
+  limit: Array  # [batch] int32: this row's max new tokens (<= max_new_tokens)
+  keys: Array  # [batch] PRNG keys, one per row: the first token draws with fold_in(key, 0),
+  #              verify step k (0-based, per row) with fold_in(key, k + 1)
 
 
 class SpecOutput(NamedTuple):
@@ -202,10 +205,27 @@ def commit_target_cache(cache: KVCache, accepted_nodes: Array, accept_len: Array
   return move_slots(cache, src, dst, n + jnp.where(active, accept_len + 1, 0))
 
 
+def verify_rows(tree: tree_lib.Tree, logits: Array, sampling: SamplingParams, keys: Array
+                ) -> tree_lib.Verification:
+  """tree_lib.verify with each row's randomness drawn from its own key (keys [batch]), so a
+  row's result does not depend on its batch slot or neighbours; greedy draws nothing."""
+  if sampling.greedy:
+    return tree_lib.verify_greedy(tree, logits)
+
+  def uniforms(key):
+    accept_key, residual_key = jax.random.split(key)
+    return (jax.random.uniform(accept_key, (tree.depth + 1, tree.top_k)),
+            jax.random.uniform(residual_key, (tree.depth + 1,)))
+
+  accept_u, residual_u = jax.vmap(uniforms)(keys)  # [batch, D+1, K], [batch, D+1]
+  return tree_lib.verify_sample_with_uniforms(tree, logits, sampling, accept_u, residual_u)
+
+
 def speculative_step(draft: Draft, target: Transformer, state: SpecState, options: SpecOptions,
-                     vocab: DraftVocab | None = None) -> SpecState:
+                     vocab: DraftVocab | None = None, span: int | None = None) -> SpecState:
   """Draft a tree, verify it with one target forward, commit the accepted tokens. vocab: the
-  draft's hot vocabulary (None: the full one); verification always uses the full one."""
+  draft's hot vocabulary (None: the full one); verification always uses the full one. span:
+  the target's attention span (static; every live row's length + tree size fits below it)."""
   batch = state.last_token.shape[0]
   n = state.target_cache.lengths
   active = ~state.done
@@ -220,13 +240,11 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   # One target pass: the final feature (verification) and the draft's feature layers (commit).
   feats, taps, target_cache = target.features_and_taps(
       tree.tokens, positions, state.target_cache, draft.cfg.feature_layers,
-      block_mask=tree.ancestor_mask)  # taps: [batch, T, k*embed]
+      block_mask=tree.ancestor_mask, span=span)  # taps: [batch, T, k*embed]
   logits = target.logits(feats)
-  if options.sampling.greedy:  # no PRNG work in greedy steps
-    rng, verify_rng = state.rng, None
-  else:
-    rng, verify_rng = jax.random.split(state.rng)
-  result = tree_lib.verify(tree, logits, options.sampling, verify_rng)
+  # No PRNG work in greedy steps.
+  verify_keys = None if options.sampling.greedy else fold_rows(state.keys, state.steps + 1)
+  result = verify_rows(tree, logits, options.sampling, verify_keys)
   target_cache = commit_target_cache(target_cache, result.accepted_nodes, result.accept_len,
                                      active)
 
@@ -255,36 +273,44 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   stops = is_stop(new, options.stop_token_ids) & emitted
   first_stop = jnp.where(jnp.any(stops, 1), jnp.argmax(stops, 1), width)
   count = jnp.minimum(jnp.minimum(result.accept_len + 1, first_stop + 1),
-                      options.max_new_tokens - state.num_tokens)
+                      state.limit - state.num_tokens)
   count = jnp.where(active, count, 0)
   write = jnp.where(jnp.arange(width)[None] < count[:, None],
                     state.num_tokens[:, None] + jnp.arange(width)[None], state.output.shape[1])
   output = state.output.at[jnp.arange(batch)[:, None], write].set(new, mode="drop")
   num_tokens = state.num_tokens + count
   hit_stop = active & jnp.any(stops & (jnp.arange(width)[None] < count[:, None]), axis=1)
-  hit_len = active & (num_tokens >= options.max_new_tokens)
+  hit_len = active & (num_tokens >= state.limit)
   finish_reason = jnp.where(hit_stop, FINISH_STOP,
                             jnp.where(hit_len, FINISH_LENGTH, finish_reason))
   last_token = jnp.where(active, take_last(new[:, :, None])[:, 0], state.last_token)
-  history = state.accept_history.at[:, state.step].set(
-      jnp.where(active, result.accept_len, -1), mode="drop")
+  history = state.accept_history.at[jnp.arange(batch), jnp.where(
+      active, state.steps, state.accept_history.shape[1])].set(result.accept_len, mode="drop")
   return SpecState(
       target_cache=target_cache, draft_cache=draft_cache, last_token=last_token,
       root_tokens=root_tokens, root_logp=root_logp, root_feature=root_feature, output=output,
       num_tokens=num_tokens,
       done=done | hit_stop | hit_len, finish_reason=finish_reason, accept_history=history,
-      steps=state.steps + active.astype(jnp.int32), step=state.step + 1, rng=rng)
+      steps=state.steps + active.astype(jnp.int32), step=state.step + 1, limit=state.limit,
+      keys=state.keys)
 
 
 def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths: Array,
-               rng: Array, options: SpecOptions, vocab: DraftVocab | None = None) -> SpecState:
-  """Target and draft prefill, and the first token (sampled from the target)."""
+               rng: Array, options: SpecOptions, vocab: DraftVocab | None = None,
+               limits: Array | None = None) -> SpecState:
+  """Target and draft prefill, and the first token (sampled from the target). rng: [batch]
+  PRNG keys, one per row (one key is split into one per row); limits: [batch] max new
+  tokens per row (default options.max_new_tokens)."""
   batch = prompt.shape[0]
+  keys = jax.random.split(rng, batch) if jnp.ndim(rng) == 0 else rng
+  limits = (jnp.full((batch,), options.max_new_tokens, jnp.int32) if limits is None
+            else limits.astype(jnp.int32))
   target_cache = KVCache.create(target.cfg, batch, options.cache_len)
   feats, logits, target_cache = prefill(target, prompt, prompt_lengths, target_cache,
                                         feature_layers=draft.cfg.feature_layers)
-  rng, sub = jax.random.split(rng)
-  first = sample_tokens(sub, logits, options.sampling)  # [batch]
+  first = sample_tokens(None if options.sampling.greedy else
+                        fold_rows(keys, jnp.zeros((batch,), jnp.int32)), logits,
+                        options.sampling)  # [batch]
   draft_cache = KVCache.create(draft.cfg.layer_config, batch,
                                options.cache_len + options.scratch)
   root_tokens, root_logp, root_feature, draft_cache = draft_prefill(
@@ -292,21 +318,22 @@ def init_state(draft: Draft, target: Transformer, prompt: Array, prompt_lengths:
   output = jnp.full((batch, options.max_new_tokens + options.depth + 1), -1, jnp.int32)
   output = output.at[:, 0].set(first)
   stop = is_stop(first, options.stop_token_ids)
-  done = stop | (options.max_new_tokens <= 1)
+  done = stop | (limits <= 1)
   return SpecState(
       target_cache=target_cache, draft_cache=draft_cache, last_token=first,
       root_tokens=root_tokens, root_logp=root_logp, root_feature=root_feature, output=output,
       num_tokens=jnp.ones((batch,), jnp.int32), done=done,
       finish_reason=jnp.where(stop, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32),
       accept_history=jnp.full((batch, options.max_new_tokens), -1, jnp.int32),
-      steps=jnp.zeros((batch,), jnp.int32), step=jnp.int32(0), rng=rng)
+      steps=jnp.zeros((batch,), jnp.int32), step=jnp.int32(0), limit=limits, keys=keys)
 
 
 def speculative_generate(draft: Draft, target: Transformer, prompt: Array,
                          prompt_lengths: Array, rng: Array, options: SpecOptions,
-                         vocab: DraftVocab | None = None) -> SpecOutput:
+                         vocab: DraftVocab | None = None, limits: Array | None = None
+                         ) -> SpecOutput:
   """Prefill, then speculative steps until every row is done (traceable; loop on device)."""
-  state = init_state(draft, target, prompt, prompt_lengths, rng, options, vocab)
+  state = init_state(draft, target, prompt, prompt_lengths, rng, options, vocab, limits)
   state = jax.lax.while_loop(
       lambda s: ~jnp.all(s.done) & (s.step < options.max_new_tokens),
       lambda s: speculative_step(draft, target, s, options, vocab), state)
@@ -356,26 +383,31 @@ class SpeculativeGenerator:
       tok_sh, vec_sh = prompt_shardings(self.mesh, self.rules, batch)
       rep = replicated(self.mesh)
 
-      def run(target_params, draft_params, vocab, prompt, lengths, rng_data):
+      def run(target_params, draft_params, vocab, prompt, lengths, seeds, limits):
         target = nnx.merge(tg, target_params)
         draft = nnx.merge(dg, draft_params)
-        return speculative_generate(draft, target, prompt, lengths,
-                                    jax.random.wrap_key_data(rng_data), options, vocab)
+        return speculative_generate(draft, target, prompt, lengths, row_keys(seeds), options,
+                                    vocab, limits)
 
       shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
       self._compiled[key] = jax.jit(
           run, in_shardings=(shardings(self.target_params), shardings(self.draft_params),
-                             shardings(self.vocab), tok_sh, vec_sh, rep),
+                             shardings(self.vocab), tok_sh, vec_sh, vec_sh, vec_sh),
           out_shardings=SpecOutput(rep, rep, rep, rep, rep))
     return self._compiled[key]
 
   def __call__(self, prompt: np.ndarray, lengths: np.ndarray, options: SpecOptions,
-               seed: int = 0) -> SpecOutput:
-    """prompt [batch, seq] right-padded int32, lengths [batch]. Returns numpy outputs."""
+               seed: int = 0, row_seeds: np.ndarray | None = None,
+               limits: np.ndarray | None = None) -> SpecOutput:
+    """prompt [batch, seq] right-padded int32, lengths [batch]; row_seeds and limits as in
+    VanillaGenerator. Returns numpy outputs."""
     if np.shape(prompt)[1] > options.cache_len:
       raise ValueError(f"prompts of {np.shape(prompt)[1]} tokens do not fit cache_len="
                        f"{options.cache_len}")
-    placed = place_prompts(prompt, lengths, seed, self.mesh, self.rules)
+    batch = np.shape(prompt)[0]
+    row_seeds = default_row_seeds(seed, batch) if row_seeds is None else row_seeds
+    placed = place_prompts(prompt, lengths, row_seeds, self.mesh, self.rules, limits,
+                           options.max_new_tokens)
     out = self._fn(options, np.shape(prompt)[0])(self.target_params, self.draft_params,
                                                  self.vocab, *placed)
     return SpecOutput(*(to_host(x) for x in out))
@@ -394,3 +426,117 @@ def make_step_fn(target_graphdef, draft_graphdef, options: SpecOptions):
 def cache_len_for(prompt_len: int, options: SpecOptions) -> int:
   """Target cache slots that never run out: prompt + max_new_tokens + one tree + a run."""
   return prompt_len + options.max_new_tokens + options.tree_size + options.depth + 1
+
+
+# ------------------------------------------------------------- continuous batching (slots)
+
+
+def run_spec_steps(draft: Draft, target: Transformer, state: SpecState, budget: Array,
+                   options: SpecOptions, vocab: DraftVocab | None, span: int) -> SpecState:
+  """Up to `budget` speculative steps (traceable; one host visit), leaving early when a row
+  finishes or a live row's next tree would not fit below the attention span `span`."""
+  done0 = state.done  # [batch]
+
+  def cond(s: SpecState):
+    longest = jnp.max(jnp.where(s.done, 0, s.target_cache.lengths))
+    return ((s.step < budget) & ~jnp.all(s.done) & ~jnp.any(s.done & ~done0)
+            & (longest + options.tree_size <= span))
+
+  return jax.lax.while_loop(
+      cond, lambda s: speculative_step(draft, target, s, options, vocab, span),
+      state._replace(step=jnp.int32(0)))
+
+
+class SpecSlots:
+  """Device-side slot functions of continuous batching for speculative decoding (the
+  counterpart of generate.VanillaSlots, same interface): a SpecState of `batch` slots."""
+
+  def __init__(self, generator: SpeculativeGenerator, options: SpecOptions, batch: int):
+    self.gen, self.options, self.batch = generator, options, batch
+    self.steps_per_token = options.depth + 1  # cache slots one step may add to a row
+    self.reserve = options.tree_size  # slots a step needs beyond a row's length
+    self.cfg = nnx.merge(generator.target_graphdef, generator.target_params).cfg
+    self._compiled: dict = {}
+    self.compiled_last = False
+
+  def _jit(self, key, make):
+    self.compiled_last = key not in self._compiled
+    if self.compiled_last:
+      self._compiled[key] = make()
+    return self._compiled[key]
+
+  def _models(self, tp, dp) -> tuple[Transformer, Draft]:
+    return nnx.merge(self.gen.target_graphdef, tp), nnx.merge(self.gen.draft_graphdef, dp)
+
+  def _options(self, cache_len: int) -> SpecOptions:
+    return dataclasses.replace(self.options, cache_len=cache_len)
+
+  def _init(self, tp, dp, vocab, prompt, lengths, seeds, limits, cache_len):
+    target, draft = self._models(tp, dp)
+    return init_state(draft, target, prompt, lengths, row_keys(seeds), self._options(cache_len),
+                      vocab, limits)
+
+  def empty(self, cache_len: int) -> SpecState:
+    """Every slot idle (done), from a dummy one-token prefill of each row."""
+    def make():
+      def fn(tp, dp, vocab):
+        b = self.batch
+        state = self._init(tp, dp, vocab, jnp.zeros((b, 1), jnp.int32),
+                           jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
+                           jnp.ones((b,), jnp.int32), cache_len)
+        return state._replace(done=jnp.ones((b,), bool),
+                              target_cache=state.target_cache.replace(
+                                  lengths=jnp.zeros((b,), jnp.int32)))
+      return jax.jit(fn)
+    return self._jit(("empty", cache_len), make)(self.gen.target_params, self.gen.draft_params,
+                                                  self.gen.vocab)
+
+  def insert(self, state: SpecState, slots: np.ndarray, prompt: np.ndarray,
+             lengths: np.ndarray, seeds: np.ndarray, limits: np.ndarray) -> SpecState:
+    """As VanillaSlots.insert: one prefill of prompts [n, padded] into slots [n]."""
+    n, padded = prompt.shape
+    cache_len = state.target_cache.max_len
+
+    def make():
+      def fn(tp, dp, vocab, state, slots, prompt, lengths, seeds, limits):
+        rows = self._init(tp, dp, vocab, prompt, lengths, seeds, limits, cache_len)
+        return insert_rows(state, rows, slots)
+      return jax.jit(fn, donate_argnums=(3,))
+    fn = self._jit(("insert", n, padded, cache_len), make)
+    return fn(self.gen.target_params, self.gen.draft_params, self.gen.vocab, state,
+              jnp.asarray(slots, jnp.int32), jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32),
+              jnp.asarray(seeds, jnp.int32), jnp.asarray(limits, jnp.int32))
+
+  def run(self, state: SpecState, budget: int, span: int) -> SpecState:
+    cache_len = state.target_cache.max_len
+
+    def make():
+      def fn(tp, dp, vocab, state, budget):
+        target, draft = self._models(tp, dp)
+        return run_spec_steps(draft, target, state, budget, self._options(cache_len), vocab,
+                              span)
+      return jax.jit(fn, donate_argnums=(3,))
+    return self._jit(("run", span, cache_len), make)(
+        self.gen.target_params, self.gen.draft_params, self.gen.vocab, state, jnp.int32(budget))
+
+  def grow(self, state: SpecState, cache_len: int) -> SpecState:
+    """Both caches grown by the same number of slots (the draft's scratch area moves to its
+    new end; it is rewritten by every step)."""
+    extra = cache_len - state.target_cache.max_len
+    return state._replace(target_cache=grow_cache(state.target_cache, cache_len),
+                          draft_cache=grow_cache(state.draft_cache,
+                                                 state.draft_cache.max_len + extra))
+
+  @staticmethod
+  def poll(state: SpecState) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    done, num, lengths, step = jax.device_get(
+        (state.done, state.num_tokens, state.target_cache.lengths, state.step))
+    return np.asarray(done), np.asarray(num), np.asarray(lengths), int(step)
+
+  def read(self, state: SpecState, slots: list[int]) -> list[tuple[list[int], int, list[int]]]:
+    idx = np.asarray(slots)
+    tokens, num, reason, history = jax.device_get(
+        (state.output[idx], state.num_tokens[idx], state.finish_reason[idx],
+         state.accept_history[idx]))
+    return [([int(t) for t in tokens[i, :num[i]]], int(reason[i]),
+             [int(a) for a in history[i] if a >= 0]) for i in range(len(slots))]

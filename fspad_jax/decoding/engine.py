@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -16,11 +17,12 @@ from fspad_jax.decoding.settings import (DTYPES, METHOD_NAMES, MIN_BUCKET, Decod
                                          DecodeSettings, config_value, decode_settings,
                                          resolve_target_path)
 from fspad_jax.draft_source import load_draft_for_decode, load_draft_hot_ids
-from fspad_jax.generate import FINISH_REASONS, GenerateOptions, GenerateOutput, VanillaGenerator
+from fspad_jax.generate import (FINISH_REASONS, GenerateOptions, GenerateOutput,
+                                VanillaGenerator, VanillaSlots, default_row_seeds)
 from fspad_jax.hf_checkpoint import CheckpointError, load_target, load_tokenizer
 from fspad_jax.quant import check_weight_dtype, quantize_draft
 from fspad_jax.sharding import ShardingError, ShardingRules, make_mesh
-from fspad_jax.speculative import SpecOutput, SpeculativeGenerator
+from fspad_jax.speculative import SpecOutput, SpecSlots, SpeculativeGenerator
 
 CACHE_ROUND = 64  # derived cache lengths are multiples of this
 
@@ -41,15 +43,22 @@ def round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-# (engine, graphdef, params) -> fn(prompt [batch, seq], lengths [batch], options, seed)
-#   -> GenerateOutput or SpecOutput (numpy). Speculative methods read their extra config
-# sections (`draft`) from engine.config.
+# (engine, graphdef, params) -> fn(prompt [batch, seq], lengths [batch], options, seed,
+#   row_seeds=None, limits=None) -> GenerateOutput or SpecOutput (numpy), with
+#   fn.slots(options, batch) -> the method's continuous-batching slot functions
+#   (generate.VanillaSlots / speculative.SpecSlots). Speculative methods read their extra
+#   config sections (`draft`) from engine.config.
 MethodBuilder = Callable[..., Callable[[np.ndarray, np.ndarray, GenerateOptions, int],
                                        GenerateOutput | SpecOutput]]
 
 
+class _Vanilla(VanillaGenerator):
+  def slots(self, options: GenerateOptions, batch: int) -> VanillaSlots:
+    return VanillaSlots(self.graphdef, self.params, self.mesh, self.rules, options, batch)
+
+
 def _build_vanilla(engine: "DecodeEngine", graphdef, params):
-  return VanillaGenerator(graphdef, params, engine.mesh, engine.rules)
+  return _Vanilla(graphdef, params, engine.mesh, engine.rules)
 
 
 class _Speculative:
@@ -58,8 +67,13 @@ class _Speculative:
   def __init__(self, generator: SpeculativeGenerator, settings: DecodeSettings):
     self.generator, self.settings = generator, settings
 
-  def __call__(self, prompt, lengths, options: GenerateOptions, seed: int = 0) -> SpecOutput:
-    return self.generator(prompt, lengths, self.settings.spec_options(options), seed)
+  def __call__(self, prompt, lengths, options: GenerateOptions, seed: int = 0,
+               row_seeds=None, limits=None) -> SpecOutput:
+    return self.generator(prompt, lengths, self.settings.spec_options(options), seed,
+                          row_seeds, limits)
+
+  def slots(self, options: GenerateOptions, batch: int) -> SpecSlots:
+    return SpecSlots(self.generator, self.settings.spec_options(options), batch)
 
 
 def _build_speculative(engine: "DecodeEngine", graphdef, params):
@@ -106,8 +120,10 @@ class Completion:
   output_ids: list[int]  # generated tokens, including the stop token when one was generated
   finish_reason: str  # "stop" | "length" | "cache_full"
   prompt_tokens: int
-  decode_time_s: float  # wall time of the batch call that decoded it (shared by its rows)
+  decode_time_s: float  # wall time of the batch call that decoded it (shared by its rows);
+  #                      continuous batching: from its slot's refill to its readback
   accept_lengths: list[int] | None = None  # speculative: accepted draft tokens per step
+  slot: int | None = None  # continuous batching: the slot that decoded it
 
   @property
   def new_tokens(self) -> int:
@@ -195,11 +211,26 @@ class DecodeEngine:
     self._vanilla: DecodeEngine | None = None
     self._init_method()
 
+  @classmethod
+  def from_model(cls, config, cfg, graphdef, params, mesh) -> "DecodeEngine":
+    """An engine over an already built target (benchmarks: random weights, no directory,
+    no tokenizer; token-id prompts only). Stop ids: the config's and cfg.eos_token_ids."""
+    self = cls.__new__(cls)
+    self.config, self.settings = config, decode_settings(config)
+    self.model_dir, self.mesh, self.rules = None, mesh, ShardingRules()
+    self.cfg, self.graphdef, self.params = cfg, graphdef, params
+    self.tokenizer, self.tokenizer_error = None, "built from a model, without a tokenizer"
+    self.stop_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.settings.stop_token_ids)))
+    self.draft_info, self._vanilla = None, None
+    self._init_method()
+    return self
+
   def _init_method(self):
     self._set_prompt_limit()
     self._generate = METHODS[self.settings.method](self, self.graphdef, self.params)
     if self.tree_auto is not None:
       self._set_prompt_limit()  # the chosen tree's reserve
+    self._slots = None  # continuous batching's slot functions (slot_decoder)
     self.compiled_shapes: set[tuple[int, int]] = set()  # (padded prompt len, cache len)
     self.last_call_compiled = False  # whether the last batch paid for a compilation
 
@@ -224,7 +255,7 @@ class DecodeEngine:
     if self._vanilla is None:
       twin = copy.copy(self)
       twin.settings = dataclasses.replace(self.settings, method="vanilla")
-      twin.draft_info, twin._vanilla, twin.tree_auto = None, None, None
+      twin.draft_info, twin._vanilla, twin.tree_auto, twin._slots = None, None, None, None
       twin._init_method()
       self._vanilla = twin
     return self._vanilla
@@ -269,29 +300,53 @@ class DecodeEngine:
     # Speculative: prompt + max_new_tokens + one tree + one accepted run (cache_len_for).
     return padded, round_up(padded + s.max_new_tokens + s.tree_reserve, CACHE_ROUND)
 
-  def generate_batch(self, prompts: Sequence[Sequence[int]], seed: int = 0
-                     ) -> list[Completion]:
-    """Decodes up to batch_size prompts in one static-shape call."""
+  def generate_options(self, cache_len: int) -> GenerateOptions:
+    s = self.settings
+    return GenerateOptions(max_new_tokens=s.max_new_tokens, sampling=s.sampling,
+                           stop_token_ids=self.stop_token_ids, cache_len=cache_len)
+
+  def check_prompt_lengths(self, lengths: Sequence[int]) -> None:
+    if min(lengths) < 1 or max(lengths) > self.max_prompt_len:
+      raise ValueError(f"prompt lengths must be in 1..{self.max_prompt_len}, got {list(lengths)}")
+
+  def slot_decoder(self, options: GenerateOptions | None = None):
+    """This method's continuous-batching slot functions for batch_size slots (made once;
+    fspad_jax.decoding.scheduler drives them)."""
+    if self._slots is None:
+      limit = self.settings.cache_len or self.cfg.max_position_embeddings
+      self._slots = self._generate.slots(options or self.generate_options(limit),
+                                         self.settings.batch_size)
+    return self._slots
+
+  def generate_batch(self, prompts: Sequence[Sequence[int]], seed: int = 0,
+                     row_seeds: Sequence[int] | None = None,
+                     limits: Sequence[int] | None = None) -> list[Completion]:
+    """Decodes up to batch_size prompts in one static-shape call. row_seeds: each prompt's
+    sampling seed (default: derived from `seed` and the row), so a prompt's samples do not
+    depend on its row or batch; limits: each prompt's max new tokens (<= max_new_tokens)."""
     s = self.settings
     n = len(prompts)
     if not 1 <= n <= s.batch_size:
       raise ValueError(f"generate_batch takes 1..{s.batch_size} prompts, got {n}")
     lengths = [len(p) for p in prompts]
-    if min(lengths) < 1 or max(lengths) > self.max_prompt_len:
-      raise ValueError(f"prompt lengths must be in 1..{self.max_prompt_len}, got {lengths}")
+    self.check_prompt_lengths(lengths)
     padded, cache_len = self.batch_shape(max(lengths))
+    row_seeds = list(default_row_seeds(seed, n) if row_seeds is None else row_seeds)
+    limits = list([s.max_new_tokens] * n if limits is None else limits)
+    row_seeds += [row_seeds[0]] * (s.batch_size - n)
+    limits += [limits[0]] * (s.batch_size - n)
     # Filler rows repeat row 0, so (greedy) they finish with it and never prolong the loop.
     rows = list(prompts) + [prompts[0]] * (s.batch_size - n)
     prompt = np.zeros((s.batch_size, padded), np.int32)  # [batch, padded], right-padded
     for i, p in enumerate(rows):
       prompt[i, :len(p)] = p
     row_lengths = np.asarray([len(p) for p in rows], np.int32)  # [batch]
-    options = GenerateOptions(max_new_tokens=s.max_new_tokens, sampling=s.sampling,
-                              stop_token_ids=self.stop_token_ids, cache_len=cache_len)
+    options = self.generate_options(cache_len)
     self.last_call_compiled = (padded, cache_len) not in self.compiled_shapes
     self.compiled_shapes.add((padded, cache_len))
     t0 = time.perf_counter()
-    out = self._generate(prompt, row_lengths, options, seed)
+    out = self._generate(prompt, row_lengths, options, seed, np.asarray(row_seeds, np.int32),
+                         np.asarray(limits, np.int32))
     tokens, num, reason = (np.asarray(x) for x in out[:3])  # host arrays: call is done
     dt = time.perf_counter() - t0
     history = np.asarray(out.accept_history) if isinstance(out, SpecOutput) else None
@@ -304,14 +359,25 @@ class DecodeEngine:
             for i in range(n)]
 
   def generate(self, prompts: Sequence[Sequence[int]], seed: int = 0) -> list[Completion]:
-    """Decodes any number of prompts, batch_size at a time."""
+    """Decodes any number of prompts, batch_size at a time (prompt k samples with
+    record_seed(seed, str(k)))."""
     b = self.settings.batch_size
     out = []
     for i in range(0, len(prompts), b):
-      out += self.generate_batch(prompts[i:i + b], seed=batch_seed(seed, i // b))
+      chunk = prompts[i:i + b]
+      out += self.generate_batch(chunk, row_seeds=[record_seed(seed, str(i + k))
+                                                   for k in range(len(chunk))])
     return out
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
   """An independent non-negative int32 seed per (run seed, batch)."""
   return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0] >> 1)
+
+
+def record_seed(seed: int, record_key: str, turn: int = 0) -> int:
+  """The sampling seed of one record's turn: a non-negative int32 from (run seed, the
+  record's id key, turn), whatever its batch, slot or neighbours."""
+  digest = hashlib.sha256(record_key.encode("utf-8")).digest()
+  words = np.frombuffer(digest[:16], np.uint32).tolist()
+  return int(np.random.SeedSequence([int(seed), *words, int(turn)]).generate_state(1)[0] >> 1)

@@ -22,6 +22,7 @@ METHOD_NAMES = ("vanilla", *METHOD_KINDS)  # decode.method values (engine.METHOD
 DTYPES = ("float32", "bfloat16", "float16")
 MIN_BUCKET = 64  # smallest padded prompt length
 TIMING_REPEATS = 3  # --compare_vanilla: interleaved warm calls per batch (median is used)
+SCHEDULES = ("continuous", "static")  # decode.schedule values
 
 class DecodeError(ValueError):
   """A user error (config, input file, output file), as one line naming the culprit."""
@@ -50,6 +51,7 @@ class DecodeSettings:
   timing_repeats: int = TIMING_REPEATS  # --compare_vanilla: warm timed calls per batch each
   tree: str = ""  # "" : the tree above; "auto": sized from measured costs (tree_auto)
   tree_pins: tuple[tuple[str, int], ...] = ()  # auto: (name, value) held fixed in the search
+  schedule: str = "continuous"  # continuous: refill a slot when its row ends; static: batches
 
   @property
   def speculative(self) -> bool:
@@ -126,7 +128,8 @@ def check_seed(seed, source: str = "--seed") -> int:
 def decode_settings(config) -> DecodeSettings:
   """Validates config.decode; errors name the key. Optional keys: top_p (1.0), top_k (0),
   cache_len (0), stop_token_ids (()), seed (0), tree_depth (6), tree_top_k (10),
-  total_tokens (60), min_prompt_bucket (64), timing_repeats (3), tree ('': fixed; 'auto')."""
+  total_tokens (60), min_prompt_bucket (64), timing_repeats (3), tree ('': fixed; 'auto'),
+  schedule (continuous)."""
   method = config_value(config, "decode.method")
   if method not in METHOD_NAMES:
     raise DecodeError(f"config key decode.method={method!r} is not supported "
@@ -160,8 +163,12 @@ def decode_settings(config) -> DecodeSettings:
              for s in stops)):
     raise DecodeError(f"config key decode.stop_token_ids={stops!r}: expected a list of "
                       f"non-negative token ids")
+  schedule = config_value(config, "decode.schedule", "continuous")
+  if schedule not in SCHEDULES:
+    raise DecodeError(f"config key decode.schedule={schedule!r}: expected one of "
+                      f"{', '.join(SCHEDULES)}")
   return DecodeSettings(
-      method=method, sampling=sampling, max_new_tokens=max_new,
+      method=method, schedule=schedule, sampling=sampling, max_new_tokens=max_new,
       batch_size=config_int(config, "decode.batch_size", 1), cache_len=cache_len,
       stop_token_ids=tuple(int(s) for s in stops), seed=config_int(config, "decode.seed", 0, 0),
       tree_depth=depth, tree_top_k=tree_k, total_tokens=total,

@@ -15,9 +15,10 @@ class BatchTimer:
     self.total = self.warm = 0.0
     self.warm_tokens = 0
 
-  def run(self, engine: DecodeEngine, prompts, seed: int) -> list[Completion]:
-    """One batch; its time counts as warm unless the call compiled."""
-    out = engine.generate_batch(prompts, seed=seed)
+  def run(self, engine: DecodeEngine, prompts, seed: int = 0, **rows) -> list[Completion]:
+    """One batch; its time counts as warm unless the call compiled. rows: per-row
+    row_seeds / limits (DecodeEngine.generate_batch)."""
+    out = engine.generate_batch(prompts, seed=seed, **rows)
     self.total += out[0].decode_time_s
     if not engine.last_call_compiled:
       self.warm += out[0].decode_time_s
@@ -39,25 +40,25 @@ class PairedTimer:
     self.total = self.warm = self.vanilla_warm = 0.0
     self.warm_tokens = self.vanilla_warm_tokens = self.timed_batches = 0
 
-  def _call(self, engine: DecodeEngine, prompts, seed: int, times: list[float]):
-    out = engine.generate_batch(prompts, seed=seed)
+  def _call(self, engine: DecodeEngine, prompts, seed: int, times: list[float], rows):
+    out = engine.generate_batch(prompts, seed=seed, **rows)
     if not engine.last_call_compiled:
       times.append(out[0].decode_time_s)
     return out
 
-  def run(self, engine: DecodeEngine, vanilla: DecodeEngine, prompts, seed: int
+  def run(self, engine: DecodeEngine, vanilla: DecodeEngine, prompts, seed: int = 0, **rows
           ) -> tuple[list[Completion], list[Completion]]:
     """One batch: (speculative completions, vanilla completions). Repeated calls use the
     same seed, so they reproduce the same outputs."""
     spec_times, vanilla_times = [], []
-    out = self._call(engine, prompts, seed, spec_times)
-    vanilla_out = self._call(vanilla, prompts, seed, vanilla_times)
+    out = self._call(engine, prompts, seed, spec_times, rows)
+    vanilla_out = self._call(vanilla, prompts, seed, vanilla_times, rows)
     self.total += out[0].decode_time_s
     while len(spec_times) < self.repeats or len(vanilla_times) < self.repeats:
       if len(spec_times) < self.repeats:
-        self._call(engine, prompts, seed, spec_times)
+        self._call(engine, prompts, seed, spec_times, rows)
       if len(vanilla_times) < self.repeats:
-        self._call(vanilla, prompts, seed, vanilla_times)
+        self._call(vanilla, prompts, seed, vanilla_times, rows)
     self.timed_batches += 1
     self.warm += float(np.median(spec_times))
     self.vanilla_warm += float(np.median(vanilla_times))

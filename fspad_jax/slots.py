@@ -1,0 +1,44 @@
+"""Slot surgery on decoding states for continuous batching: write freshly prefilled rows
+into chosen batch slots of a running state, and grow its caches, on device.
+
+A state is any pytree of arrays whose leaves carry the batch on axis 0, except KVCache
+buffers (batch on axis 1: [layers, batch, kv_heads, slots, head_dim]) and scalars (loop
+counters, kept from the running state)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fspad_jax.model import KVCache
+
+Array = jax.Array
+
+
+def _is_cache(x) -> bool:
+  return isinstance(x, KVCache)
+
+
+def insert_rows(state, rows, slots: Array):
+  """state with rows' batch entries written at batch indices `slots` ([n] int32; n = rows'
+  batch; a repeated slot must carry identical rows): one scatter per leaf, in place when the
+  state is donated. Both are the same pytree type; caches have the same number of slots."""
+  def put(big, small):
+    if _is_cache(big):
+      return KVCache(k=big.k.at[:, slots].set(small.k), v=big.v.at[:, slots].set(small.v),
+                     lengths=big.lengths.at[slots].set(small.lengths))
+    if jnp.ndim(big) == 0:
+      return big
+    return big.at[slots].set(small)
+  return jax.tree.map(put, state, rows, is_leaf=_is_cache)
+
+
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+  """The cache with zero slots appended up to max_len (>= its size)."""
+  extra = max_len - cache.max_len
+  if extra < 0:
+    raise ValueError(f"cannot shrink a cache of {cache.max_len} slots to {max_len}")
+  if extra == 0:
+    return cache
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))
+  return cache.replace(k=pad(cache.k), v=pad(cache.v))
