@@ -12,6 +12,7 @@ from flax import nnx
 from fspad_jax import quant
 from fspad_jax.config import ConfigError
 from fspad_jax.draft import draft_config_from_target, init_draft, init_draft_cache
+from fspad_jax.generate import VanillaGenerator
 from fspad_jax.sampling import SamplingParams
 from fspad_jax.sharding import make_mesh
 from fspad_jax.speculative import SpecOptions, SpeculativeGenerator, cache_len_for
