@@ -382,33 +382,40 @@ def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: s
     cfg = cfg.replace(hot_vocab_size=int(hot.size))
   mappings = draft_tensor_mappings(cfg)
   _check_names(tensors, mappings, draft_dir, kind)
+  graphdef, state = place_mapped_params(cfg, mappings, tensors, draft_dir, mesh, rules)
+  return cfg, graphdef, state
+
+
+def place_mapped_params(cfg: DraftConfig, mappings: dict, tensors, draft_dir: str, mesh=None,
+                        rules: ShardingRules | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+  """The draft's params read from `tensors` through `mappings` (our param path -> its torch
+  tensors and transforms), each shape checked first (one line naming the tensor), in
+  cfg.dtype, sharded over `mesh` when given (each device reads only its slice)."""
   graphdef, abstract_state = nnx.split(abstract_draft(cfg))
   np_dtype = NP_DTYPES[cfg.dtype]
-  flat_abstract = dict(nnx.to_flat_state(abstract_state))
   flat_shardings = None
   if mesh is not None:
     flat_shardings = dict(nnx.to_flat_state(
         param_shardings(abstract_state, mesh, rules or ShardingRules())))
   loaded = []
-  for p, var in flat_abstract.items():
+  for p, var in nnx.to_flat_state(abstract_state):
     mapping = mappings[p]
     # Expected torch shapes, from a zero-strided stand-in of our param (no memory).
     stand_in = np.broadcast_to(np.zeros((), np.int8), tuple(var.shape))
     for name, want in zip(mapping.hf_names, mapping.to_hf(stand_in)):
       if tensors.shape(name) != tuple(want.shape):
         raise DraftCheckpointError(
-            f"{draft_dir}: tensor {name!r} has shape {tensors.shape(name)}, but config.json "
-            f"implies {tuple(want.shape)} for a {kind!r} draft")
+            f"{draft_dir}: tensor {name!r} has shape {list(tensors.shape(name))}, but "
+            f"config.json implies {list(want.shape)} for a {cfg.kind!r} draft")
     ours = mapping.to_ours([tensors.view(n) for n in mapping.hf_names])
     if flat_shardings is None:
-      full = np.asarray(ours[(slice(None),) * len(var.shape)]).astype(np_dtype)
-      array = jax.device_put(full)
+      array = jax.device_put(np.asarray(ours[(slice(None),) * len(var.shape)]).astype(np_dtype))
     else:
       array = jax.make_array_from_callback(
           tuple(var.shape), flat_shardings[p].get_value(),
           lambda idx, ours=ours: np.ascontiguousarray(ours[idx]).astype(np_dtype))
     loaded.append((p, var.replace(array)))
-  return cfg, graphdef, nnx.from_flat_state(loaded)
+  return graphdef, nnx.from_flat_state(loaded)
 
 
 def read_hot_ids(draft_dir: str, tensors=None, vocab_size: int | None = None

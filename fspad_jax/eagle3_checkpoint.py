@@ -34,12 +34,11 @@ import numpy as np
 from flax import nnx
 
 from fspad_jax.config import ConfigError, ModelConfig, read_config_json
-from fspad_jax.draft import DraftConfig, abstract_draft, check_feature_layers, eagle3_feature_layers
+from fspad_jax.draft import DraftConfig, check_feature_layers, eagle3_feature_layers
 from fspad_jax.draft_checkpoint import (D2T_NAME, EMBEDDING_NAME, T2D_NAME, DraftCheckpointError,
-                                        draft_config_dict, parse_draft_config, read_draft_tensors,
-                                        read_hot_ids)
-from fspad_jax.hf_checkpoint import (NP_DTYPES, TensorMapping, _linear, _stacked_linear,
-                                     param_shardings, to_hf_tensors)
+                                        draft_config_dict, parse_draft_config,
+                                        place_mapped_params, read_draft_tensors, read_hot_ids)
+from fspad_jax.hf_checkpoint import TensorMapping, _linear, _stacked_linear, to_hf_tensors
 from fspad_jax.model import resolve_feature_layers
 from fspad_jax.safetensors_io import write_safetensors
 from fspad_jax.sharding import ShardingRules
@@ -153,30 +152,8 @@ def load_eagle3_draft(draft_dir: str, target_cfg: ModelConfig, *, dtype: str | N
         + "; ".join(p for p in (f"missing tensor(s) {', '.join(missing)}" if missing else "",
                                 f"unexpected tensor(s) {', '.join(unexpected)}" if unexpected
                                 else "") if p))
-  graphdef, abstract_state = nnx.split(abstract_draft(cfg))
-  flat_shardings = None
-  if mesh is not None:
-    flat_shardings = dict(nnx.to_flat_state(
-        param_shardings(abstract_state, mesh, rules or ShardingRules())))
-  np_dtype = NP_DTYPES[cfg.dtype]
-  loaded = []
-  for p, var in nnx.to_flat_state(abstract_state):
-    mapping = mappings[p]
-    stand_in = np.broadcast_to(np.zeros((), np.int8), tuple(var.shape))
-    for name, want in zip(mapping.hf_names, mapping.to_hf(stand_in)):
-      if tensors.shape(name) != tuple(want.shape):
-        raise DraftCheckpointError(
-            f"{draft_dir}: tensor {name!r} has shape {list(tensors.shape(name))}, but "
-            f"config.json implies {list(want.shape)}")
-    ours = mapping.to_ours([tensors.view(n) for n in mapping.hf_names])
-    if flat_shardings is None:
-      array = jax.device_put(np.asarray(ours[(slice(None),) * len(var.shape)]).astype(np_dtype))
-    else:
-      array = jax.make_array_from_callback(
-          tuple(var.shape), flat_shardings[p].get_value(),
-          lambda idx, ours=ours: np.ascontiguousarray(ours[idx]).astype(np_dtype))
-    loaded.append((p, var.replace(array)))
-  return cfg, graphdef, nnx.from_flat_state(loaded)
+  graphdef, state = place_mapped_params(cfg, mappings, tensors, draft_dir, mesh, rules)
+  return cfg, graphdef, state
 
 
 def save_eagle3_draft(draft_dir: str, cfg: DraftConfig, params: nnx.State, *,

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from fspad_jax.model import KVCache, Transformer
-from fspad_jax.slots import grow_cache, insert_rows
+from fspad_jax.slots import CompiledOnDemand, grow_cache, insert_rows
 from fspad_jax.sampling import SamplingParams, fold_rows, row_keys, sample_tokens
 from fspad_jax.sharding import (LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated,
                                 to_host)
@@ -261,7 +261,7 @@ def run_steps(model: Transformer, state: DecodeState, budget: Array, options: Ge
                             state._replace(step=jnp.int32(0)))
 
 
-class VanillaSlots:
+class VanillaSlots(CompiledOnDemand):
   """Device-side slot functions of continuous batching for vanilla decoding: a DecodeState of
   `batch` slots, each holding one prompt; a slot is refilled (`insert`) when its row is done.
 
@@ -273,18 +273,11 @@ class VanillaSlots:
 
   def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, mesh,
                rules: ShardingRules | None, options: GenerateOptions, batch: int):
+    super().__init__()
     self.graphdef, self.params, self.mesh = graphdef, params, mesh
     self.rules = rules or ShardingRules()
     self.options, self.batch = options, batch
     self.cfg = nnx.merge(graphdef, params).cfg
-    self._compiled: dict = {}
-    self.compiled_last = False
-
-  def _jit(self, key, make):
-    self.compiled_last = key not in self._compiled
-    if self.compiled_last:
-      self._compiled[key] = make()
-    return self._compiled[key]
 
   def _model(self, params) -> Transformer:
     return nnx.merge(self.graphdef, params)

@@ -42,3 +42,19 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     return cache
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))
   return cache.replace(k=pad(cache.k), v=pad(cache.v))
+
+
+class CompiledOnDemand:
+  """Base of the slot-function classes (generate.VanillaSlots, speculative.SpecSlots): jitted
+  functions made on first use per static key; `compiled_last` says whether the last lookup
+  had to make (compile) one."""
+
+  def __init__(self):
+    self._compiled: dict = {}
+    self.compiled_last = False
+
+  def _jit(self, key, make):
+    self.compiled_last = key not in self._compiled
+    if self.compiled_last:
+      self._compiled[key] = make()
+    return self._compiled[key]

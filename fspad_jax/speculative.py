@@ -49,7 +49,7 @@ from fspad_jax.hot_vocab import DraftVocab, hot_logits, make_draft_vocab
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, move_slots, rope_tables
 from fspad_jax.sampling import SamplingParams, fold_rows, row_keys, sample_tokens
 from fspad_jax.sharding import ShardingRules, replicated, to_host
-from fspad_jax.slots import grow_cache, insert_rows
+from fspad_jax.slots import CompiledOnDemand, grow_cache, insert_rows
 
 Array = jax.Array
 
@@ -447,23 +447,16 @@ def run_spec_steps(draft: Draft, target: Transformer, state: SpecState, budget: 
       state._replace(step=jnp.int32(0)))
 
 
-class SpecSlots:
+class SpecSlots(CompiledOnDemand):
   """Device-side slot functions of continuous batching for speculative decoding (the
   counterpart of generate.VanillaSlots, same interface): a SpecState of `batch` slots."""
 
   def __init__(self, generator: SpeculativeGenerator, options: SpecOptions, batch: int):
+    super().__init__()
     self.gen, self.options, self.batch = generator, options, batch
     self.steps_per_token = options.depth + 1  # cache slots one step may add to a row
     self.reserve = options.tree_size  # slots a step needs beyond a row's length
     self.cfg = nnx.merge(generator.target_graphdef, generator.target_params).cfg
-    self._compiled: dict = {}
-    self.compiled_last = False
-
-  def _jit(self, key, make):
-    self.compiled_last = key not in self._compiled
-    if self.compiled_last:
-      self._compiled[key] = make()
-    return self._compiled[key]
 
   def _models(self, tp, dp) -> tuple[Transformer, Draft]:
     return nnx.merge(self.gen.target_graphdef, tp), nnx.merge(self.gen.draft_graphdef, dp)

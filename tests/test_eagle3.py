@@ -356,7 +356,8 @@ def _rewrite(path, out, edit):
     (lambda t, c: t.update({"midlayer.extra.weight": np.zeros(3, np.float32)}),
      "unexpected tensor(s) midlayer.extra.weight"),
     (lambda t, c: t.update({"lm_head.weight": np.zeros((24, 16), np.float32)}),
-     "tensor 'lm_head.weight' has shape [24, 16], but config.json implies [24, 32]"),
+     "tensor 'lm_head.weight' has shape [24, 16], but config.json implies [24, 32] "
+     "for a 'eagle3' draft"),
     (lambda t, c: t.update({"fc.weight": np.zeros((32, 64), np.float32)}),
      "tensor 'fc.weight' (32, 64) fuses 2 target layers"),
     (lambda t, c: t.update({"d2t": t["d2t"] + 100}), "tensor 'd2t'"),
