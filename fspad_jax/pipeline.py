@@ -811,7 +811,8 @@ def results_markdown(results: dict) -> str:
 
 # Marker, dash pattern and size per draft, so that coinciding lines stay distinguishable:
 # the later drafts draw smaller markers on top of the earlier ones' larger ones.
-LINE_STYLES = (("o", "-", 9), ("s", "--", 7), ("^", "-.", 5.5), ("x", ":", 5))
+LINE_STYLES = (("o", "-", 9), ("s", "--", 8), ("^", "-.", 7), ("D", ":", 6), ("v", "-", 5),
+               ("x", "--", 4.5))  # one per draft kind (KIND_METHOD)
 
 
 def line_style(i: int) -> dict:

@@ -2,6 +2,7 @@
 vanilla decoding of each regenerated context, speculative gives the same file, resume after
 a kill, train.py's loader reads the output, provenance, the pipeline's regen stage)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -194,14 +195,17 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(files, engine, vanilla_run,
   """An exception after two batches, then a partial line left by a killed writer: the rerun
   decodes only what is missing, and the file equals the uninterrupted run's."""
   monkeypatch.setattr(regenerate, "PART_BATCHES", 1)
+  # Static batches, so that the kill lands after whole generate_batch calls; the resume
+  # under continuous batching is run_decode's own (tests/test_scheduler.py).
+  monkeypatch.setattr(engine, "settings", dataclasses.replace(engine.settings, schedule="static"))
   out = str(tmp_path / "regen.jsonl")
   real, calls = engine.generate_batch, []
 
-  def dying(prompts, seed=0):
+  def dying(prompts, seed=0, **rows):
     if len(calls) == 2:
       raise KeyboardInterrupt("killed")
     calls.append(len(prompts))
-    return real(prompts, seed)
+    return real(prompts, seed, **rows)
   monkeypatch.setattr(engine, "generate_batch", dying)
   with pytest.raises(KeyboardInterrupt):
     regenerate.regenerate(None, files["input"], out, engine=engine, progress=False,
@@ -214,7 +218,7 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(files, engine, vanilla_run,
     f.write('{"id": "multi", "output_')  # a killed writer's partial line
   log, decoded = [], []
   monkeypatch.setattr(engine, "generate_batch",
-                      lambda p, seed=0: decoded.append(len(p)) or real(p, seed))
+                      lambda p, seed=0, **rows: decoded.append(len(p)) or real(p, seed, **rows))
   s = regenerate.regenerate(None, files["input"], out, engine=engine, progress=False,
                             log=log.append)
   assert any("partial last line" in m for m in log)
