@@ -364,12 +364,7 @@ def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: s
       raw, kind, source=path, dtype=dtype, fc_bias=fc_bias_name in names,
       qkv_bias=any(LAYER_PREFIX + f"self_attn.{x}_proj.bias" in names for x in "qkv"))
   if target_cfg is not None:
-    if cfg.hidden_size != target_cfg.hidden_size:
-      raise DraftCheckpointError(f"{path}: hidden_size={cfg.hidden_size}, but the target's is "
-                                 f"{target_cfg.hidden_size}")
-    if cfg.vocab_size and cfg.vocab_size != target_cfg.vocab_size:
-      raise DraftCheckpointError(f"{path}: vocab_size={cfg.vocab_size}, but the target's is "
-                                 f"{target_cfg.vocab_size}: this draft belongs to another model")
+    check_fits_target(cfg, target_cfg, path)
     if not cfg.vocab_size:
       cfg = cfg.replace(vocab_size=target_cfg.vocab_size)
 
@@ -384,6 +379,17 @@ def load_draft(draft_dir: str, target_cfg: ModelConfig | None = None, *, kind: s
   _check_names(tensors, mappings, draft_dir, kind)
   graphdef, state = place_mapped_params(cfg, mappings, tensors, draft_dir, mesh, rules)
   return cfg, graphdef, state
+
+
+def check_fits_target(cfg: DraftConfig, target_cfg, path: str) -> None:
+  """A draft config read from `path` must have the target's hidden size and (when it says)
+  vocabulary: one DraftCheckpointError line otherwise."""
+  if cfg.hidden_size != target_cfg.hidden_size:
+    raise DraftCheckpointError(f"{path}: hidden_size={cfg.hidden_size}, but the target's is "
+                               f"{target_cfg.hidden_size}")
+  if cfg.vocab_size and cfg.vocab_size != target_cfg.vocab_size:
+    raise DraftCheckpointError(f"{path}: vocab_size={cfg.vocab_size}, but the target's is "
+                               f"{target_cfg.vocab_size}: this draft belongs to another model")
 
 
 def place_mapped_params(cfg: DraftConfig, mappings: dict, tensors, draft_dir: str, mesh=None,

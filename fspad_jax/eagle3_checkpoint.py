@@ -36,7 +36,7 @@ from flax import nnx
 from fspad_jax.config import ConfigError, ModelConfig, read_config_json
 from fspad_jax.draft import DraftConfig, check_feature_layers, eagle3_feature_layers
 from fspad_jax.draft_checkpoint import (D2T_NAME, EMBEDDING_NAME, T2D_NAME, DraftCheckpointError,
-                                        draft_config_dict, parse_draft_config,
+                                        check_fits_target, draft_config_dict, parse_draft_config,
                                         place_mapped_params, read_draft_tensors, read_hot_ids)
 from fspad_jax.hf_checkpoint import TensorMapping, _linear, _stacked_linear, to_hf_tensors
 from fspad_jax.model import resolve_feature_layers
@@ -111,12 +111,7 @@ def load_eagle3_draft(draft_dir: str, target_cfg: ModelConfig, *, dtype: str | N
   names = set(tensors.names())
   dtype = dtype or target_cfg.dtype
   cfg = parse_draft_config(raw, "eagle3", source=path, dtype=dtype, fc_bias=False)
-  if cfg.hidden_size != target_cfg.hidden_size:
-    raise DraftCheckpointError(f"{path}: hidden_size={cfg.hidden_size}, but the target's is "
-                               f"{target_cfg.hidden_size}")
-  if cfg.vocab_size and cfg.vocab_size != target_cfg.vocab_size:
-    raise DraftCheckpointError(f"{path}: vocab_size={cfg.vocab_size}, but the target's is "
-                               f"{target_cfg.vocab_size}: this draft belongs to another model")
+  check_fits_target(cfg, target_cfg, path)
   d = cfg.hidden_size
   # Feature layers: the config's, else EAGLE-3's default for this target; fc.weight says k.
   layers = raw.get(LAYER_IDS_KEY)
