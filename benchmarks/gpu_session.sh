@@ -17,6 +17,11 @@
 #       static batches on Llama-3-8B shapes (random bf16 weights), batch 8 and 32, skewed
 #       output lengths, vanilla tokens/s against the weight-streaming bound, with and without
 #       attention-span bucketing (batching_bench); no pipeline, no carried data needed
+#   bash benchmarks/gpu_session.sh SECONDS table   # issues 9 and 10: the `small,table`
+#       pipeline (configs/realtext.py _table: eagle3, fspad3 with regen + TTT + multi-layer,
+#       fspad with each change alone, a 25% hot vocabulary in bf16 and int8) in runs/small,
+#       sharing small's data, target and eagle/fspad units; PROJECTED ~25 min of device
+#       time (regen 8,000 x 256 plus 6 more drafts and their evals): rerun to resume
 #
 # Expects, prepared on a machine with package registries (the GPU image lacks them):
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
@@ -54,13 +59,14 @@ EOF
 } 2>&1 | tee -a "$OUT/env.txt"
 
 # --- issue 5: the `small` preset (resumable)
-if [ "$mode" = all ]; then
+if [ "$mode" = all ] || [ "$mode" = table ]; then
+preset=small; [ "$mode" = table ] && preset=small,table
 [ -f runs/small/tokenizer/.done ] || tar -xJf .carry/small_dt.tar.xz || exit 1
 minutes=$(python3 -c "print(round(($(left) - 25) / 60, 2))")
 (
   # Identical computations (vanilla engines of every draft kind) compile once.
   export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-  python3 -m fspad_jax.pipeline --config=configs/realtext.py:small --workdir=runs/small \
+  python3 -m fspad_jax.pipeline --config=configs/realtext.py:$preset --workdir=runs/small \
     --max_minutes="$minutes" --no_progress
 ) 2>&1 | grep -v "Shuffling\|Generating \|^\s*$" | tee -a "$OUT/small.log"
 rc=${PIPESTATUS[0]}
@@ -70,6 +76,7 @@ cp runs/small/results.md runs/small/results.json runs/small/*.png "$OUT/" 2>/dev
   | tar -czf "$OUT/small_meta.tar.gz" --null -T -)
 echo "pipeline exit $rc, $(left) s left"
 [ "$rc" = 0 ] || exit "$rc"
+[ "$mode" = table ] && exit 0
 fi
 
 # --- issues 2 and 4: Llama-3-8B shapes, random bf16 weights

@@ -3,6 +3,8 @@
   bash run_demo.sh                                            # installs, runs `demo`
   python -m fspad_jax.pipeline --preset=demo --workdir=runs/demo
   python -m fspad_jax.pipeline --config=configs/realtext.py:mini --workdir=runs/mini
+  python -m fspad_jax.pipeline --config=configs/realtext.py:mini,table --workdir=runs/mini
+      # the drafts table (_table: eagle3, fspad3, fspad + each change, hot vocabulary)
   python -m fspad_jax.pipeline --config=configs/realtext.py:small --workdir=runs/small \
       --max_minutes=9                 # on one H100; rerun the same command to resume
 
@@ -126,6 +128,11 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
       # Training data: "sharegpt" (the train split's own answers) or "regen" (the regen
       # stage's target-written answers); regen_kinds train on "regen" whatever `data` says.
       "data": "sharegpt", "regen_kinds": (),
+      # More rows, each a kind with its own options: {name: {"kind": K, "data": "sharegpt" |
+      # "regen", "feature_layers": (...), "vocab_size": N (hot ids), "train": {drafts.train
+      # overrides, e.g. "ttt_steps": 3}}}, or {"draft_of": ROW, "weight_dtype": "int8"} to
+      # decode an earlier row's draft with int8 weights. See the ",table" option.
+      "variants": {},
       "dtype": dtype,  # draft compute dtype (master weights float32)
       "target_dtype": "float32" if dtype == "float32" else "bfloat16",
       "max_len": max_len,  # = pretrain.max_len: the prepared rows are shared
@@ -179,11 +186,40 @@ def _eval(mtbench: int, sharegpt: int, max_prompt: int, max_new: int, batch: int
   })
 
 
+def _table(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
+  """The `,table` option (issues 9 and 10): eagle and fspad, the EAGLE-3-style reference,
+  fspad with each of EAGLE-3's three changes alone, fspad3 with all three, and fspad with
+  a 25% hot vocabulary in float32 and int8 weights; same data budget, steps and seeds for
+  every row; decoded on held-out MT-bench (both turns) at T=0 and T=1."""
+  from fspad_jax.draft import eagle3_feature_layers  # pylint: disable=import-outside-toplevel
+  hot = c.tokenizer.vocab_size // 4
+  ttt = {"ttt_steps": ttt_steps}
+  c.drafts.kinds = ("eagle", "fspad")
+  c.drafts.variants = {
+      # EAGLE-3's recipe on EAGLE-3's head: regenerated data, training-time test, low/mid/
+      # high target layers (the kind's default) and its own LM head over the hot ids.
+      "eagle3": {"kind": "eagle3", "data": "regen", "vocab_size": hot, "train": ttt},
+      "fspad_regen": {"kind": "fspad", "data": "regen"},
+      "fspad_ttt": {"kind": "fspad", "train": ttt},
+      "fspad_layers": {"kind": "fspad",
+                       "feature_layers": eagle3_feature_layers(c.target.num_layers)},
+      # FSPAD with all three (kind fspad3 = fspad on EAGLE-3's low/mid/high layers).
+      "fspad3": {"kind": "fspad3", "data": "regen", "train": ttt},
+      "fspad_hot": {"kind": "fspad", "vocab_size": hot},  # token loss over the full vocab
+      "fspad_hot_int8": {"draft_of": "fspad_hot", "weight_dtype": "int8"},
+  }
+  c.eval.datasets = ("mtbench",)
+
+
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
+  """`preset` is a PRESETS name, optionally with ",table" (the drafts table of _table),
+  e.g. configs/realtext.py:mini,table."""
+  preset, _, option = preset.partition(",")
+  if preset not in PRESETS or option not in ("", "table"):
+    raise ValueError(f"unknown preset {preset!r}{', option ' + repr(option) if option else ''}"
+                     f": expected one of {', '.join(PRESETS)}, optionally with ',table'")
   c = ml_collections.ConfigDict()
-  c.preset = preset
+  c.preset = preset + ("," + option if option else "")
   c.mesh = ml_collections.ConfigDict({"shape": (1, 1, -1)})
   if preset == "demo":
     c.data = _data(max_train=2000, max_heldout=100, chunk_chars=900)
@@ -220,4 +256,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.drafts = _drafts(300, 32, 1024, 5e-4, "bfloat16", eval_batches=16, eval_batch=8)
     c.regen = _regen(8000, 256, 64, dtype="bfloat16")
     c.eval = _eval(24, 24, 768, 128, 8, depth=6, top_k=10, total=60, min_prompt_bucket=768)
+  if option == "table":
+    _table(c)
   return c

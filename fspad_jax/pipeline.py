@@ -17,11 +17,13 @@ when that marker matches; the hash covers the unit's config and the hashes of it
              regen.temperature / max_new_tokens; turns whose prompt exceeds drafts.max_len
              are not regenerated, since training would cut them off): regen/train.jsonl
              with its provenance. Resumes conversation by conversation.
-  drafts     one draft per kind (eagle, fspad, fs_only, pad_only) trained by
-             fspad_jax.trainer.train with the same data, steps and seeds; on the ShareGPT
-             train split, or on the regenerated one for drafts.data="regen" (every kind) or
-             the kinds in drafts.regen_kinds.
-  eval       decode_lib.run_decode for every kind x temperature x dataset (MT-bench, both
+  drafts     one draft per row trained by fspad_jax.trainer.train with the same data, steps
+             and seeds: a row per drafts.kinds entry (eagle, fspad, fs_only, pad_only), on
+             the ShareGPT train split, or on the regenerated one for drafts.data="regen"
+             (every kind) or the kinds in drafts.regen_kinds; then the drafts.variants rows
+             (DraftRow: a kind with its own data, train.* and draft options; a draft_of row
+             decodes another row's draft with int8 weights and trains nothing).
+  eval       decode_lib.run_decode for every row x temperature x dataset (MT-bench, both
              turns; held-out ShareGPT first user turns) with compare_vanilla: tau, per-depth
              acceptance, speedup over vanilla (ratio of tokens/s; both decode the same
              batches, interleaved, warm calls only, medians of repeats), greedy equality.
@@ -444,8 +446,49 @@ def run_regen(ctx: Context, pretrain_hash: str) -> dict:
 
 
 def draft_data_source(config, kind: str) -> str:
-  """What the `kind` draft trains on: "sharegpt" (the train split) or "regen" (the regen
-  stage's output): drafts.data, or "regen" for a kind listed in drafts.regen_kinds."""
+  """What the `kind` row's draft trains on: "sharegpt" (the train split) or "regen" (the
+  regen stage's output): drafts.data, or "regen" for a kind listed in drafts.regen_kinds;
+  a variant row's own `data` key wins (draft_rows)."""
+  return draft_row(config, kind).data
+
+
+# Keys of one drafts.variants entry (configs/realtext.py documents them).
+VARIANT_KEYS = ("kind", "data", "feature_layers", "vocab_size", "train", "weight_dtype",
+                "draft_of")
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftRow:
+  """One row of the drafts table: a draft kind with its own training and decoding options.
+
+  A drafts.kinds entry is a row named after its kind with no options; drafts.variants adds
+  named rows (e.g. fspad with training-time test). A `draft_of` row decodes another row's
+  trained draft with other decode-time options (int8 weights) and trains nothing."""
+
+  name: str  # the row's label, and its directory under drafts/ and eval/
+  kind: str  # a draft.DRAFT_KINDS kind
+  data: str  # "sharegpt" | "regen"
+  draft: tuple = ()  # (key, value) overrides of the trainer's draft section
+  train: tuple = ()  # (key, value) overrides of drafts.train
+  weight_dtype: str = ""  # decode-time draft weights: "" | "int8"
+  draft_of: str = ""  # the row whose trained draft this row decodes ("" = its own)
+
+  @property
+  def method(self) -> str:
+    return KIND_METHOD[self.kind]
+
+  @property
+  def trained_by(self) -> str:
+    """The row whose draft directory this row decodes."""
+    return self.draft_of or self.name
+
+  def describe(self) -> dict:
+    return {"kind": self.kind, "data": self.data, **dict(self.draft), **dict(self.train),
+            **({"weight_dtype": self.weight_dtype} if self.weight_dtype else {}),
+            **({"draft_of": self.draft_of} if self.draft_of else {})}
+
+
+def _data_source(config, kind: str) -> str:
   dr = config.drafts
   source = dr.get("data", "sharegpt")
   if source not in DRAFT_DATA:
@@ -454,19 +497,91 @@ def draft_data_source(config, kind: str) -> str:
   return "regen" if kind in tuple(dr.get("regen_kinds", ()) or ()) else source
 
 
-def draft_trainer_config(ctx: Context, kind: str):
-  """The trainer.train config (configs/tiny.py layout) of one draft kind."""
+def draft_rows(config) -> list[DraftRow]:
+  """The drafts table: one row per drafts.kinds entry, then the drafts.variants rows, in
+  order (variants by name, draft_of rows last). Every bad entry is refused in one line
+  naming its config key."""
+  rows: list[DraftRow] = []
+  for kind in config.drafts.kinds:
+    if kind not in KIND_METHOD:
+      raise PipelineError(f"config key drafts.kinds: unknown draft kind {kind!r}: expected "
+                          f"some of {', '.join(KIND_METHOD)}")
+    rows.append(DraftRow(name=kind, kind=kind, data=_data_source(config, kind)))
+  train_keys = set(DRAFT_TRAIN_DEFAULTS) | set(config.drafts.train.keys()) | {
+      "ttt_steps", "ttt_weights", "token_loss"}
+  variants = _plain(config.drafts.get("variants") or {})  # (a ConfigDict sorts its keys)
+  # draft_of rows last, so that they may name any row that trains its own draft
+  for name, v in sorted(variants.items(), key=lambda kv: bool((kv[1] or {}).get("draft_of"))):
+    key = f"drafts.variants.{name}"
+    if not name.replace("_", "").isalnum() or any(r.name == name for r in rows):
+      raise PipelineError(f"config key {key}: row names must be unique and made of letters, "
+                          "digits and underscores")
+    v = dict(v or {})
+    bad = sorted(set(v) - set(VARIANT_KEYS))
+    if bad:
+      raise PipelineError(f"config key {key}.{bad[0]}: unknown; expected some of "
+                          f"{', '.join(VARIANT_KEYS)}")
+    if v.get("draft_of"):
+      src = next((r for r in rows if r.name == v["draft_of"]), None)
+      if src is None or src.draft_of:
+        raise PipelineError(f"config key {key}.draft_of={v['draft_of']!r}: expected a "
+                            "row that trains its own draft")
+      extra = sorted(set(v) - {"draft_of", "weight_dtype"})
+      if extra:
+        raise PipelineError(f"config key {key}.{extra[0]}: a draft_of row decodes "
+                            f"{src.name}'s draft; only weight_dtype may be set")
+      rows.append(dataclasses.replace(src, name=name, weight_dtype=v.get("weight_dtype", ""),
+                                      draft_of=src.name))
+      continue
+    kind = v.get("kind", "")
+    if kind not in KIND_METHOD:
+      raise PipelineError(f"config key {key}.kind={kind!r}: expected one of "
+                          f"{', '.join(KIND_METHOD)}")
+    data = v.get("data") or _data_source(config, "")  # drafts.data (regen_kinds: kind rows)
+    if data not in DRAFT_DATA:
+      raise PipelineError(f"config key {key}.data={data!r}: expected one of "
+                          f"{', '.join(DRAFT_DATA)}")
+    train = dict(v.get("train") or {})
+    bad = sorted(set(train) - train_keys)
+    if bad:
+      raise PipelineError(f"config key {key}.train.{bad[0]}: not a drafts.train key")
+    draft = tuple((k, tuple(v[k]) if k == "feature_layers" else v[k])
+                  for k in ("feature_layers", "vocab_size") if v.get(k))
+    rows.append(DraftRow(name=name, kind=kind, data=data, draft=draft,
+                         train=tuple(sorted(train.items())),
+                         weight_dtype=v.get("weight_dtype", "") or ""))
+  if not rows:
+    raise PipelineError("config keys drafts.kinds and drafts.variants are both empty: "
+                        "no draft to train")
+  return rows
+
+
+def draft_row(config, name) -> DraftRow:
+  """The row called `name` (a DraftRow passes through)."""
+  if isinstance(name, DraftRow):
+    return name
+  for row in draft_rows(config):
+    if row.name == name:
+      return row
+  raise PipelineError(f"no draft row {name!r} in drafts.kinds or drafts.variants")
+
+
+def draft_trainer_config(ctx: Context, row):
+  """The trainer.train config (configs/tiny.py layout) of one draft row (or kind)."""
   import ml_collections
+  row = draft_row(ctx.config, row)
   dr = ctx.config.drafts
   train = dict(DRAFT_TRAIN_DEFAULTS)
   train.update(_plain(dr.train))
+  train.update(dict(row.train))
   c = ml_collections.ConfigDict()
   c.target = ml_collections.ConfigDict({"path": ctx.paths.target, "dtype": dr.target_dtype})
   c.mesh = ml_collections.ConfigDict({"shape": tuple(ctx.config.mesh.shape)})
   c.draft = ml_collections.ConfigDict({
-      "path": "", "kind": kind, "dtype": dr.dtype,
-      "shape": {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0}})
-  regen = draft_data_source(ctx.config, kind) == "regen"
+      "path": "", "kind": row.kind, "dtype": dr.dtype,
+      "shape": {"intermediate_size": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0},
+      **dict(row.draft)})
+  regen = row.data == "regen"
   c.data = ml_collections.ConfigDict({
       "path": ctx.paths.regen_train if regen else ctx.paths.train, "max_len": dr.max_len,
       "val_fraction": dr.val_fraction,
@@ -475,15 +590,18 @@ def draft_trainer_config(ctx: Context, kind: str):
   return c
 
 
-def draft_unit(ctx: Context, kind: str, pretrain_hash: str) -> Unit:
-  cfg = draft_trainer_config(ctx, kind)
-  spec = {"version": PIPELINE_VERSION, "target": pretrain_hash, "kind": kind,
+def draft_unit(ctx: Context, row, pretrain_hash: str) -> Unit:
+  row = draft_row(ctx.config, row)
+  if row.draft_of:
+    raise PipelineError(f"draft row {row.name} trains nothing (draft_of {row.draft_of})")
+  cfg = draft_trainer_config(ctx, row)
+  spec = {"version": PIPELINE_VERSION, "target": pretrain_hash, "kind": row.kind,
           "draft": _plain(cfg.draft), "data": {k: cfg.data[k] for k in ("max_len",
                                                                        "val_fraction")},
           "train": _plain(cfg.train), "mesh": _plain(cfg.mesh)}
-  if draft_data_source(ctx.config, kind) == "regen":  # ShareGPT drafts keep their old spec
+  if row.data == "regen":  # ShareGPT drafts keep their old spec
     spec["data_source"] = {"regen": regen_unit(ctx, pretrain_hash).hash}
-  return Unit(f"drafts/{kind}", ctx.paths.draft(kind), spec)
+  return Unit(f"drafts/{row.name}", ctx.paths.draft(row.name), spec)
 
 
 class _SigtermAtDeadline:
@@ -526,15 +644,16 @@ def latest_checkpoint_step(ckpt_dir: str) -> int | None:
   return max(steps, default=None)
 
 
-def run_draft(ctx: Context, kind: str, pretrain_hash: str) -> dict:
+def run_draft(ctx: Context, row, pretrain_hash: str) -> dict:
   from fspad_jax import trainer
-  unit = draft_unit(ctx, kind, pretrain_hash)
-  config = draft_trainer_config(ctx, kind)
+  row = draft_row(ctx.config, row)
+  unit = draft_unit(ctx, row, pretrain_hash)
+  config = draft_trainer_config(ctx, row)
 
   def work():
     with _SigtermAtDeadline(ctx.deadline):
-      last = trainer.train(config, ctx.paths.draft(kind), progress=ctx.progress)
-    step = latest_checkpoint_step(os.path.join(ctx.paths.draft(kind), "checkpoints"))
+      last = trainer.train(config, ctx.paths.draft(row.name), progress=ctx.progress)
+    step = latest_checkpoint_step(os.path.join(ctx.paths.draft(row.name), "checkpoints"))
     if step is None or step < config.train.steps:
       return None
     return {"step": step, **{k: v for k, v in last.items()
@@ -587,35 +706,48 @@ def run_prompts(ctx: Context, data_hash: str, tokenizer_hash: str) -> dict:
   return ctx.run_unit(unit, work)
 
 
-def decode_config(ctx: Context, kind: str, temperature: float):
-  """decode_lib's config (configs/tiny.py layout) for one draft kind and temperature."""
+def decode_config(ctx: Context, row, temperature: float):
+  """decode_lib's config (configs/tiny.py layout) for one draft row and temperature."""
   import ml_collections
   from fspad_jax.decode_lib import MIN_BUCKET, TIMING_REPEATS
+  row = draft_row(ctx.config, row)
   e = ctx.config.eval
   c = ml_collections.ConfigDict()
   c.target = ml_collections.ConfigDict({"path": ctx.paths.target, "dtype": e.dtype})
   c.mesh = ml_collections.ConfigDict({"shape": tuple(ctx.config.mesh.shape)})
   c.decode = ml_collections.ConfigDict({
-      "method": KIND_METHOD[kind], "temperature": float(temperature), "top_p": 1.0,
+      "method": row.method, "temperature": float(temperature), "top_p": 1.0,
       "top_k": 0, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
       "cache_len": 0, "stop_token_ids": (), "seed": e.seed, "tree_depth": e.tree_depth,
       "tree_top_k": e.tree_top_k, "total_tokens": e.total_tokens,
       "min_prompt_bucket": e.get("min_prompt_bucket", MIN_BUCKET),
       "timing_repeats": e.get("timing_repeats", TIMING_REPEATS)})
-  c.draft = ml_collections.ConfigDict({"path": ctx.paths.draft(kind), "kind": kind})
+  c.draft = ml_collections.ConfigDict({"path": ctx.paths.draft(row.trained_by),
+                                       "kind": row.kind})
+  if row.weight_dtype:
+    c.draft.weight_dtype = row.weight_dtype
   return c
 
 
-def eval_unit(ctx: Context, dataset: str, kind: str, temperature: float, draft_hash: str,
+def eval_unit(ctx: Context, dataset: str, row, temperature: float, draft_hash: str,
               prompts_hash: str) -> Unit:
-  cfg = decode_config(ctx, kind, temperature)
+  row = draft_row(ctx.config, row)
+  cfg = decode_config(ctx, row, temperature)
   spec = {"version": PIPELINE_VERSION, "draft": draft_hash, "prompts": prompts_hash,
-          "dataset": dataset, "kind": kind, "decode": _plain(cfg.decode),
+          "dataset": dataset, "kind": row.kind, "decode": _plain(cfg.decode),
           "target_dtype": cfg.target.dtype, "mesh": _plain(cfg.mesh),
           "matmul_precision": ctx.config.eval.get("matmul_precision", "highest"),
           "compare_vanilla": ctx.config.eval.compare_vanilla}
-  return Unit(f"eval/{dataset}/{kind}_t{temperature:g}",
-              ctx.paths.eval_unit(dataset, kind, temperature), spec)
+  if row.weight_dtype:  # rows without it keep their old spec
+    spec["weight_dtype"] = row.weight_dtype
+  return Unit(f"eval/{dataset}/{row.name}_t{temperature:g}",
+              ctx.paths.eval_unit(dataset, row.name, temperature), spec)
+
+
+def result_row(dataset: str, row: DraftRow, temperature: float, info: dict) -> dict:
+  """One decoding result; "kind" is the row's name (= its kind for drafts.kinds rows)."""
+  return {"dataset": dataset, "kind": row.name, "draft_kind": row.kind,
+          "method": row.method, "temperature": float(temperature), **info}
 
 
 def _summary_info(summary: dict) -> dict:
@@ -632,21 +764,21 @@ def _summary_info(summary: dict) -> dict:
 
 
 def run_eval(ctx: Context, draft_hashes: dict, prompts_hash: str) -> list[dict]:
-  """Every kind x temperature x dataset unit; one DecodeEngine per (kind, temperature)."""
+  """Every row x temperature x dataset unit; one DecodeEngine per (row, temperature)."""
   import jax
   from fspad_jax import decode_lib
   e = ctx.config.eval
-  combos = [(kind, float(t)) for kind in ctx.config.drafts.kinds for t in e.temperatures]
+  combos = [(row, float(t)) for row in draft_rows(ctx.config) for t in e.temperatures]
   rows = []
-  for kind, temp in combos:
-    units = [(ds, eval_unit(ctx, ds, kind, temp, draft_hashes[kind], prompts_hash))
+  for row, temp in combos:
+    units = [(ds, eval_unit(ctx, ds, row, temp, draft_hashes[row.trained_by], prompts_hash))
              for ds in e.datasets]
     engine = None
     for ds, unit in units:
       def work(ds=ds, unit=unit):
         nonlocal engine
         if engine is None:
-          engine = decode_lib.DecodeEngine(decode_config(ctx, kind, temp))
+          engine = decode_lib.DecodeEngine(decode_config(ctx, row, temp))
         out = os.path.join(unit.directory, "outputs.jsonl")
         if os.path.exists(out):  # an interrupted unit: decode it again from scratch
           os.remove(out)
@@ -659,8 +791,7 @@ def run_eval(ctx: Context, draft_hashes: dict, prompts_hash: str) -> list[dict]:
                                           log=lambda m: ctx.log("  " + m))
         return _summary_info(summary)
       info = ctx.run_unit(unit, work)
-      rows.append({"dataset": ds, "kind": kind, "method": KIND_METHOD[kind],
-                   "temperature": temp, **info})
+      rows.append(result_row(ds, row, temp, info))
     del engine
   return rows
 
@@ -735,7 +866,8 @@ def identical_rows_note(groups: list[dict]) -> str:
   steps = [name(g) for g in groups if g["same_steps"]]
   sums = [name(g) for g in groups if not g["same_steps"]]
   text = ("Identical rows. Not one draft counted twice: each unit loads its own draft, and "
-          "the drafts' weights differ (training table, other rows).")
+          "the drafts' weights differ (training table, other rows), except that a draft_of "
+          "row decodes another row's draft with other weights (int8 quantized at load).")
   if steps:
     text += (f" {'; '.join(steps)}: the accept lengths in their outputs agree step by step, "
              "so the drafts' trees were accepted to the same depth at every step. With few "
@@ -744,6 +876,15 @@ def identical_rows_note(groups: list[dict]) -> str:
   if sums:
     text += f" {'; '.join(sums)}: same totals from different steps, a small-sample tie."
   return text
+
+
+def _row_index(order: list, name: str) -> int:
+  """Sort key of a result row: its draft row's place in the table (old results without
+  draft_rows: the KIND_METHOD order)."""
+  if name in order:
+    return order.index(name)
+  kinds = list(KIND_METHOD)
+  return len(order) + (kinds.index(name) if name in kinds else len(kinds))
 
 
 def results_markdown(results: dict) -> str:
@@ -759,8 +900,9 @@ def results_markdown(results: dict) -> str:
            "only, median of repeats; speedup = tok/s / vanilla tok/s; greedy == : outputs "
            "identical to vanilla decoding.", "", sample_line(results), "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  order = [d["name"] for d in results.get("draft_rows") or []]
   for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"],
-                                       list(KIND_METHOD).index(r["kind"]))):
+                                       _row_index(order, r["kind"]))):
     acc = list(r.get("acceptance_by_depth") or []) + [None] * depth
     greedy = (f"{r['matched']}/{r['checked']}" if r.get("greedy") else
               "n/a (sampling)" if r["temperature"] else "not checked")
@@ -774,6 +916,15 @@ def results_markdown(results: dict) -> str:
   notes = identical_rows_note(results.get("identical_rows") or [])
   if notes:
     lines += ["", notes]
+  described = [d for d in results.get("draft_rows") or [] if set(d) - {"name", "kind",
+                                                                         "data"}
+               or d["name"] != d["kind"]]
+  if described:
+    lines += ["", "Draft rows (drafts.variants; the other rows are plain drafts.kinds):", "",
+              "| draft | options |", "|---|---|"]
+    for d in described:
+      lines.append(f"| {d['name']} | " + ", ".join(
+          f"{k}={v}" for k, v in d.items() if k != "name") + " |")
   drafts = results.get("drafts") or {}
   if drafts:
     ks = sorted({k for d in drafts.values() for k in d if k.startswith("eval_top1_depth")},
@@ -834,10 +985,13 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
   rows = results["rows"]
   if not rows:
     return []
-  kinds = [k for k in KIND_METHOD if any(r["kind"] == k for r in rows)]
+  order = [d["name"] for d in results.get("draft_rows") or []]
+  kinds = sorted({r["kind"] for r in rows}, key=lambda k: _row_index(order, k))
   groups = sorted({(r["dataset"], r["temperature"]) for r in rows})
   paths = []
   fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(kinds), 3.6))
+  if len(kinds) > 5:
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
   width = 0.8 / len(groups)
   for gi, (ds, temp) in enumerate(groups):
     vals = [next((r.get("tau") or 0.0 for r in rows if r["kind"] == k and r["dataset"] == ds
@@ -895,36 +1049,40 @@ def _python() -> str:
   return "python3" if same else sys.executable
 
 
-def decode_command(ctx: Context, kind: str) -> str:
+def decode_command(ctx: Context, row) -> str:
   """The decode.py command that decodes the MT-bench prompts with this run's target and
-  `kind` draft, its tree settings and vanilla comparison, from any directory."""
+  the `row` draft, its tree settings and vanilla comparison, from any directory."""
   import shlex
   from fspad_jax.config import repo_config_path
-  d = decode_config(ctx, kind, 0.0).decode
+  row = draft_row(ctx.config, row)
+  d = decode_config(ctx, row, 0.0).decode
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out_dir = os.path.abspath(os.path.join(ctx.paths.workdir, "decode"))
   args = [_python(), os.path.join(root, "decode.py"), f"--config={os.path.abspath(repo_config_path('tiny'))}",
           f"--config.target.path={os.path.abspath(ctx.paths.target)}",
           f"--config.target.dtype={ctx.config.eval.dtype}",
           f"--config.decode.method={d.method}",
-          f"--config.draft.path={os.path.abspath(ctx.paths.draft(kind))}",
-          f"--config.draft.kind={kind}", f"--config.decode.temperature={d.temperature:g}",
+          f"--config.draft.path={os.path.abspath(ctx.paths.draft(row.trained_by))}",
+          f"--config.draft.kind={row.kind}",
+          *([f"--config.draft.weight_dtype={row.weight_dtype}"] if row.weight_dtype else []),
+          f"--config.decode.temperature={d.temperature:g}",
           f"--config.decode.max_new_tokens={d.max_new_tokens}",
           f"--config.decode.batch_size={d.batch_size}",
           f"--config.decode.tree_depth={d.tree_depth}",
           f"--config.decode.tree_top_k={d.tree_top_k}",
           f"--config.decode.total_tokens={d.total_tokens}",
           f"--input={os.path.abspath(ctx.paths.prompt_file('mtbench'))}",
-          f"--output={os.path.join(out_dir, f'mtbench_{kind}.jsonl')}", "--compare_vanilla"]
+          f"--output={os.path.join(out_dir, f'mtbench_{row.name}.jsonl')}",
+          "--compare_vanilla"]
   return " ".join(shlex.quote(a) for a in args)
 
 
 def write_decode_commands(ctx: Context) -> dict:
-  """Writes <workdir>/decode_commands.sh (one decode.py command per draft kind, for the
+  """Writes <workdir>/decode_commands.sh (one decode.py command per draft row, for the
   user's own prompts: change --input); returns {"file", "kind", "command"} for the fspad
-  draft (else the first kind)."""
+  draft (else the first row)."""
   os.makedirs(os.path.join(ctx.paths.workdir, "decode"), exist_ok=True)
-  kinds = list(ctx.config.drafts.kinds)
+  kinds = [r.name for r in draft_rows(ctx.config)]
   lines = ["# decode.py with this run's target and drafts, tree settings as in its eval.",
            "# Each line decodes MT-bench; pass your own prompts with --input=FILE.jsonl."]
   lines += [decode_command(ctx, k) for k in kinds]
@@ -946,7 +1104,8 @@ def write_report(ctx: Context, rows: list[dict], infos: dict) -> dict:
       ctx.paths.workdir), "rows": rows, "sample": sample, "data": infos.get("data"),
       "tokenizer": infos.get("tokenizer"), "target": infos.get("pretrain"),
       "regen": infos.get("regen"), "draft_data": {
-          k: draft_data_source(ctx.config, k) for k in ctx.config.drafts.kinds},
+          r.name: r.data for r in draft_rows(ctx.config)},
+      "draft_rows": [{"name": r.name, **r.describe()} for r in draft_rows(ctx.config)],
       "drafts": infos.get("drafts"), "stages": [
           # seconds: the unit's own run time (also for units skipped in this run)
           {"unit": u, "status": s, "seconds": round(t, 2)} for u, s, t in ctx.events]}
@@ -975,10 +1134,11 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     raise PipelineError(f"unknown stage(s) {unknown}: expected some of {', '.join(STAGES)}")
   if on_stale not in ("error", "rerun"):
     raise PipelineError(f"on_stale={on_stale!r}: expected error or rerun")
-  unknown_kinds = [k for k in config.drafts.kinds if k not in KIND_METHOD]
+  rows_table = draft_rows(config)  # checks every drafts.kinds / drafts.variants entry
   bad_sets = [d for d in config.eval.datasets if d not in DATASETS]
-  if unknown_kinds or bad_sets:
-    raise PipelineError(f"unknown draft kinds {unknown_kinds} / datasets {bad_sets}")
+  if bad_sets:
+    raise PipelineError(f"config key eval.datasets: unknown datasets {bad_sets}: expected "
+                        f"some of {', '.join(DATASETS)}")
   os.makedirs(workdir, exist_ok=True)
   ctx = Context(config=config, paths=Paths(workdir), on_stale=on_stale, progress=progress,
                 deadline=(time.monotonic() + 60 * max_minutes) if max_minutes else None,
@@ -1016,7 +1176,7 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     ru = regen_unit(ctx, pu.hash)
     if "regen" in stages and config.get("regen") is not None:
       infos["regen"] = run_regen(ctx, pu.hash)
-    elif any(draft_data_source(config, k) == "regen" for k in config.drafts.kinds):
+    elif any(r.data == "regen" for r in rows_table):
       if config.get("regen") is None:
         raise PipelineError("drafts train on regenerated data (drafts.data / "
                             "drafts.regen_kinds) but the config has no regen section")
@@ -1026,10 +1186,13 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     if last == STAGES.index("regen"):
       return partial()
     infos["drafts"], draft_hashes = {}, {}
-    for kind in config.drafts.kinds:
-      u = draft_unit(ctx, kind, pu.hash)
-      draft_hashes[kind] = u.hash
-      infos["drafts"][kind] = need("drafts", u, lambda k=kind: run_draft(ctx, k, pu.hash))
+    for row in rows_table:
+      if row.draft_of:  # decodes another row's draft
+        continue
+      u = draft_unit(ctx, row, pu.hash)
+      draft_hashes[row.name] = u.hash
+      infos["drafts"][row.name] = need("drafts", u,
+                                       lambda r=row: run_draft(ctx, r, pu.hash))
     if last == STAGES.index("drafts"):
       return partial()
     qu = prompts_unit(ctx, du.hash, tu.hash)
@@ -1039,13 +1202,13 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
       rows = run_eval(ctx, draft_hashes, qu.hash)
     else:  # report only: the eval units that are done
       infos["prompts"] = qu.done_info()
-      for kind in config.drafts.kinds:
+      for row in rows_table:
         for t in config.eval.temperatures:
           for ds in config.eval.datasets:
-            info = eval_unit(ctx, ds, kind, float(t), draft_hashes[kind], qu.hash).done_info()
+            info = eval_unit(ctx, ds, row, float(t), draft_hashes[row.trained_by],
+                             qu.hash).done_info()
             if info is not None:
-              rows.append({"dataset": ds, "kind": kind, "method": KIND_METHOD[kind],
-                           "temperature": float(t), **info})
+              rows.append(result_row(ds, row, float(t), info))
     if "report" not in stages:
       return {**partial(), "rows": rows}
     results = write_report(ctx, rows, infos)

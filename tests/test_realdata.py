@@ -251,6 +251,9 @@ def tiny_pipeline_config(root):
   # Sampled: greedy, the 20-step target answers only whitespace (empty answers are dropped).
   c.regen.update(conversations=8, max_new_tokens=8, batch_size=4, temperature=1.0)
   c.drafts.regen_kinds = ("fspad",)  # fspad trains on the regen stage's output
+  # Rows with their own options: training-time test, and eagle's draft decoded in int8.
+  c.drafts.variants = {"fspad_ttt": {"kind": "fspad", "train": {"ttt_steps": 2}},
+                       "eagle_int8": {"draft_of": "eagle", "weight_dtype": "int8"}}
   return c
 
 
@@ -272,18 +275,31 @@ def test_pipeline_end_to_end(finished):
   assert set(_statuses(results).values()) == {"ran"}
   assert results["data"]["truncated_source"] and results["data"]["mtbench_questions"] == 3
   assert results["regen"]["written"] == 8 and results["draft_data"] == {
-      "eagle": "sharegpt", "fspad": "regen"}
+      "eagle": "sharegpt", "fspad": "regen", "fspad_ttt": "sharegpt", "eagle_int8": "sharegpt"}
   rows = results["rows"]
+  names = ("eagle", "fspad", "fspad_ttt", "eagle_int8")
   assert {(r["dataset"], r["kind"]) for r in rows} == {
-      (d, k) for d in ("mtbench", "sharegpt") for k in ("eagle", "fspad")}
+      (d, k) for d in ("mtbench", "sharegpt") for k in names}
+  assert {r["kind"]: r["draft_kind"] for r in rows} == {
+      "eagle": "eagle", "fspad": "fspad", "fspad_ttt": "fspad", "eagle_int8": "eagle"}
+  # The variant trained with its own option; the draft_of row trained nothing.
+  ttt_metrics = realdata.read_jsonl(os.path.join(workdir, "drafts", "fspad_ttt",
+                                                 "metrics.jsonl"))
+  assert any("loss_cls_step2" in m for m in ttt_metrics)  # the unrolled loss ran
+  plain_metrics = realdata.read_jsonl(os.path.join(workdir, "drafts", "fspad", "metrics.jsonl"))
+  assert not any("loss_cls_step2" in m for m in plain_metrics)
+  assert set(results["drafts"]) == {"eagle", "fspad", "fspad_ttt"}
+  assert not os.path.exists(os.path.join(workdir, "drafts", "eagle_int8"))
   for r in rows:
     assert r["greedy"] and r["checked"] == r["decoded"] == 2 and r["matched"] == 2, r
     assert r["tau"] >= 1.0 and len(r["acceptance_by_depth"]) == 3
   with open(os.path.join(workdir, "results.json")) as f:
-    assert len(json.load(f)["rows"]) == 4
+    assert len(json.load(f)["rows"]) == 8
   with open(os.path.join(workdir, "results.md")) as f:
     md = f.read()
   assert "| mtbench | 0 | fspad |" in md and "acc@3" in md
+  assert "| fspad_ttt | kind=fspad, data=sharegpt, ttt_steps=2 |" in md
+  assert "| eagle_int8 | kind=eagle, data=sharegpt, weight_dtype=int8, draft_of=eagle |" in md
   # The sample beside the table: prompts per dataset, new tokens, timing repeats.
   assert ("Sample per row: MT-bench 2 questions (4 turns, both decoded); held-out ShareGPT 2 "
           "prompts; at most 8 new tokens per turn, batch 2; timing: median of 3 interleaved "
@@ -311,7 +327,9 @@ def test_printed_decode_command_reproduces_the_eval(finished, tmp_path):
   assert info["file"] == os.path.join(workdir, "decode_commands.sh") and info["kind"] == "fspad"
   with open(info["file"]) as f:
     commands = [line for line in f.read().splitlines() if not line.startswith("#")]
-  assert len(commands) == 2 and commands[1] == info["command"]  # eagle, fspad
+  assert len(commands) == 4 and commands[1] == info["command"]  # eagle, fspad, variants
+  assert "--config.draft.weight_dtype=int8" in commands[3] and "drafts/eagle " in (
+      commands[3] + " ")
   assert info["command"] in pipeline.decode_hint(info)
   args = shlex.split(info["command"])
   assert "--config.decode.tree_depth=3" in args and "--config.decode.total_tokens=6" in args
@@ -426,7 +444,7 @@ def test_pipeline_refuses_stale_units_and_missing_stages(finished, tmp_path):
     pipeline.run_pipeline(config, finished["workdir"], progress=False, log=lambda m: None)
   report = pipeline.run_pipeline(finished["config"], finished["workdir"], stages=["report"],
                                  progress=False, log=lambda m: None)
-  assert len(report["rows"]) == 4
+  assert len(report["rows"]) == 8
   with pytest.raises(pipeline.PipelineError, match="stage 'data'.*not done"):
     pipeline.run_pipeline(finished["config"], str(tmp_path / "fresh"), stages=["pretrain"],
                           progress=False, log=lambda m: None)
@@ -434,8 +452,35 @@ def test_pipeline_refuses_stale_units_and_missing_stages(finished, tmp_path):
     pipeline.run_pipeline(finished["config"], str(tmp_path / "fresh"), stages=["train"])
 
 
+def test_draft_rows_refuse_bad_variants_in_one_line():
+  c = pipeline.load_preset("mini,table")
+  rows = {r.name: r for r in pipeline.draft_rows(c)}
+  assert list(rows)[:2] == ["eagle", "fspad"] and list(rows)[-1] == "fspad_hot_int8"
+  assert rows["fspad3"].data == "regen" and dict(rows["fspad3"].train) == {"ttt_steps": 3}
+  assert dict(rows["eagle3"].draft) == {"vocab_size": 2048}
+  ctx = pipeline.Context(c, pipeline.Paths("/w"))
+  assert pipeline.decode_config(ctx, "fspad_hot_int8", 0.0).draft.path == "/w/drafts/fspad_hot"
+  assert pipeline.draft_trainer_config(ctx, "fspad_layers").draft.feature_layers == (1, 2, 4)
+  plain = pipeline.load_preset("mini")  # a plain kind's unit keeps its spec
+  assert pipeline.draft_unit(pipeline.Context(plain, pipeline.Paths("/w")), "fspad",
+                             "h").hash == pipeline.draft_unit(ctx, "fspad", "h").hash
+  for variant, message in [
+      ({"kind": "fspadd"}, r"drafts.variants.v.kind='fspadd': expected one of"),
+      ({"kind": "fspad", "ttt": 3}, r"drafts.variants.v.ttt: unknown"),
+      ({"kind": "fspad", "train": {"tt_steps": 3}}, r"drafts.variants.v.train.tt_steps"),
+      ({"kind": "fspad", "data": "mine"}, r"drafts.variants.v.data='mine'"),
+      ({"draft_of": "nope"}, r"drafts.variants.v.draft_of='nope'"),
+      ({"draft_of": "fspad", "kind": "eagle"}, r"drafts.variants.v.kind: a draft_of row")]:
+    c.drafts.variants = {"v": variant}
+    with pytest.raises(pipeline.PipelineError, match=message):
+      pipeline.draft_rows(c)
+  c.drafts.variants = {"fspad": {"kind": "fspad"}}
+  with pytest.raises(pipeline.PipelineError, match="drafts.variants.fspad: row names"):
+    pipeline.draft_rows(c)
+
+
 def test_presets_load_and_build():
-  for name in ("demo", "mini", "small", "ci"):
+  for name in ("demo", "mini", "small", "ci", "mini,table", "small,table"):
     c = pipeline.load_preset(name)
     assert c.pretrain.max_len == c.drafts.max_len  # prepared rows shared
     assert c.pretrain.val_fraction == c.drafts.val_fraction
