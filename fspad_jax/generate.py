@@ -60,7 +60,9 @@ def prefill(model: Transformer, prompt: Array, prompt_lengths: Array, cache: KVC
   the first output is instead those layers' taps [batch, seq, k*embed] from the same pass."""
   batch, seq = prompt.shape
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  feats, taps, cache = model.features_and_taps(prompt, positions, cache, feature_layers or ())
+  # The prompt fills slots 0..seq-1 of an empty cache: attend over those only.
+  feats, taps, cache = model.features_and_taps(prompt, positions, cache, feature_layers or (),
+                                               span=seq)
   last = jnp.take_along_axis(feats, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
   return (feats if taps is None else taps, model.logits(last),
           cache.replace(lengths=prompt_lengths.astype(jnp.int32)))
@@ -338,8 +340,7 @@ class VanillaSlots(CompiledOnDemand):
 
   def read(self, state: DecodeState, slots: list[int]) -> list[tuple[list[int], int, None]]:
     """The finished rows' (tokens, finish code, accept lengths None), those rows only."""
-    tokens, num = jax.device_get((state.tokens[np.asarray(slots)],
-                                  state.num[np.asarray(slots)]))
+    tokens, num = self.gather_rows((state.tokens, state.num), slots)
     stops = set(self.options.stop_token_ids)
     out = []
     for row, n in zip(tokens, num):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fspad_jax.model import KVCache
 
@@ -58,3 +59,19 @@ class CompiledOnDemand:
     if self.compiled_last:
       self._compiled[key] = make()
     return self._compiled[key]
+
+  def gather_rows(self, arrays, slots):
+    """Host copies of the rows `slots` (a list of batch indices) of a pytree of [batch, ...]
+    arrays: one jitted gather (the index padded to a power of two by repeating its first
+    entry, so few compiled shapes) and one transfer of those rows only."""
+    n = len(slots)
+    padded = list(slots) + [slots[0]] * (pow2(n) - n)
+    fn = self._jit(("gather_rows", len(padded), jax.tree.structure(arrays)),
+                   lambda: jax.jit(lambda a, idx: jax.tree.map(lambda x: x[idx], a)))
+    rows = jax.device_get(fn(arrays, jnp.asarray(padded, jnp.int32)))
+    return jax.tree.map(lambda x: np.asarray(x)[:n], rows)
+
+
+def pow2(n: int) -> int:
+  """Smallest power of two >= n (1 for n <= 1)."""
+  return 1 << max(n - 1, 0).bit_length()

@@ -527,9 +527,7 @@ class SpecSlots(CompiledOnDemand):
     return np.asarray(done), np.asarray(num), np.asarray(lengths), int(step)
 
   def read(self, state: SpecState, slots: list[int]) -> list[tuple[list[int], int, list[int]]]:
-    idx = np.asarray(slots)
-    tokens, num, reason, history = jax.device_get(
-        (state.output[idx], state.num_tokens[idx], state.finish_reason[idx],
-         state.accept_history[idx]))
+    tokens, num, reason, history = self.gather_rows(
+        (state.output, state.num_tokens, state.finish_reason, state.accept_history), slots)
     return [([int(t) for t in tokens[i, :num[i]]], int(reason[i]),
              [int(a) for a in history[i] if a >= 0]) for i in range(len(slots))]

@@ -20,10 +20,12 @@ import dataclasses
 import time
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 
 from fspad_jax.decoding.engine import Completion, DecodeEngine, bucket_length
 from fspad_jax.generate import FINISH_REASONS
+from fspad_jax.slots import pow2
 
 DEFAULT_BUDGET = 32  # vanilla steps per host visit (speculative: a quarter of this)
 MIN_SPAN = 64  # smallest attention span
@@ -58,8 +60,10 @@ class ContinuousScheduler:
   default) buckets it for caches of at least SPAN_MIN_CACHE slots."""
 
   def __init__(self, engine: DecodeEngine, budget: int | None = None,
-               spans: bool | None = None):
+               spans: bool | None = None, split_prefill: bool | None = None):
     self.engine = engine
+    self.split_prefill = (jax.default_backend() == "cpu" if split_prefill is None
+                          else split_prefill)
     self.decoder = engine.slot_decoder()
     spt = self.decoder.steps_per_token
     self.budget = budget or max(DEFAULT_BUDGET // (4 if spt > 1 else 1), 1)
@@ -79,23 +83,42 @@ class ContinuousScheduler:
     return self.engine.batch_shape(prompt_len)[1]
 
   def _insert(self, state, refill: list[tuple[int, WorkItem]]):
-    """One prefill of the refill items (their longest prompt's bucket; the row count rounded
-    up to a power of two by repeating the first row: few compiled shapes) into their slots."""
+    """Prefills the refill items into their slots; returns (state, whether it compiled).
+
+    One prefill per group of rows, each padded to its longest prompt's bucket, with a row
+    count that is a power of two (few compiled shapes). With `split_prefill` (CPU, where a
+    prefill costs in proportion to its rows) the items go longest first in power-of-two
+    groups (7 = 4 + 2 + 1), so no row is computed twice; otherwise (accelerators, where a
+    prefill of a few rows costs one read of the weights) in one call, the row count
+    rounded up by repeating the first row."""
     dec = self.decoder
     lens = [len(item.prompt) for _, item in refill]
     self.engine.check_prompt_lengths(lens)
     need = max(self.cache_len_for(n) for n in lens)
     if need > state_cache_len(state):  # a longer later turn: grow every cache
       state = dec.grow(state, need)
-    padded = min(bucket_length(max(lens), self.engine.settings.min_prompt_bucket),
-                 state_cache_len(state))
-    rows = refill + [refill[0]] * (min(_pow2(len(refill)), self.engine.settings.batch_size) - len(refill))
-    prompt = np.zeros((len(rows), padded), np.int32)  # [n, padded], right-padded
-    for r, (_, item) in enumerate(rows):
-      prompt[r, :len(item.prompt)] = item.prompt
-    col = lambda f: np.asarray([f(i, item) for i, item in rows], np.int32)
-    return dec.insert(state, col(lambda i, _: i), prompt, col(lambda _, w: len(w.prompt)),
-                      col(lambda _, w: w.seed), col(lambda _, w: w.limit))
+    if self.split_prefill:
+      refill = sorted(refill, key=lambda r: -len(r[1].prompt))
+      sizes = [1 << k for k in reversed(range(len(refill).bit_length()))
+               if len(refill) >> k & 1]  # binary digits of len(refill), largest first
+    else:
+      sizes = [len(refill)]
+    compiled, start = False, 0
+    for size in sizes:
+      group = refill[start:start + size]
+      start += size
+      rows = group + [group[0]] * (min(pow2(size), self.engine.settings.batch_size) - size)
+      padded = min(bucket_length(max(len(w.prompt) for _, w in group),
+                                 self.engine.settings.min_prompt_bucket),
+                   state_cache_len(state))
+      prompt = np.zeros((len(rows), padded), np.int32)  # [n, padded], right-padded
+      for r, (_, item) in enumerate(rows):
+        prompt[r, :len(item.prompt)] = item.prompt
+      col = lambda f: np.asarray([f(i, item) for i, item in rows], np.int32)
+      state = dec.insert(state, col(lambda i, _: i), prompt, col(lambda _, w: len(w.prompt)),
+                         col(lambda _, w: w.seed), col(lambda _, w: w.limit))
+      compiled |= dec.compiled_last
+    return state, compiled
 
   def run(self, items: Iterable[WorkItem],
           on_finish: Callable[[WorkItem, Completion], list[WorkItem]]) -> None:
@@ -120,8 +143,8 @@ class ContinuousScheduler:
         if slots[i] is None and queue:
           refill.append((i, queue.popleft()))
       if refill:
-        state = self._insert(state, refill)
-        compiled |= dec.compiled_last
+        state, compiled_insert = self._insert(state, refill)
+        compiled |= compiled_insert
         for i, item in refill:
           slots[i], started[i], emitted[i], lengths[i], done[i] = (
               item, t0, 0, len(item.prompt), False)
@@ -142,6 +165,7 @@ class ContinuousScheduler:
       lengths, done = np.array(new_lengths), np.array(new_done | ~occupied)
       finished = [i for i in range(batch) if slots[i] is not None and new_done[i]]
       rows = dec.read(state, finished) if finished else []
+      compiled |= bool(finished) and dec.compiled_last
       t1 = time.perf_counter()
       self.visits += 1
       self.total += t1 - t0
@@ -158,10 +182,6 @@ class ContinuousScheduler:
                        accept_lengths=accepts, slot=i)
         followups += on_finish(item, c)
       queue.extendleft(reversed(followups))  # finish multi-turn records first
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
 
 
 def run_static(engine: DecodeEngine, vanilla: DecodeEngine | None, timer, items: Iterable[WorkItem],
