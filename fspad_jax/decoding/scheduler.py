@@ -28,7 +28,10 @@ from fspad_jax.decoding.engine import Completion, DecodeEngine, bucket_length
 from fspad_jax.generate import FINISH_REASONS
 from fspad_jax.slots import pow2
 
-DEFAULT_BUDGET = 32  # vanilla steps per host visit (speculative: a quarter of this)
+# Vanilla steps per host visit (speculative: a sixteenth, each step adding up to depth + 1
+# slots). Refills happen on device, so the budget only bounds how long a finished row waits
+# to be written; a larger one means fewer visits but wider attention spans.
+DEFAULT_BUDGET = 128
 MIN_SPAN = 64  # smallest attention span
 # Span bucketing pays only when the unused part of the cache is large: on CPU XLA the
 # per-layer slice of a 192-slot cache cost more than the reads it saved (benchmarks/RESULTS.md,
@@ -65,7 +68,7 @@ class ContinuousScheduler:
     self.engine = engine
     self.decoder = engine.slot_decoder()
     spt = self.decoder.steps_per_token
-    self.budget = budget or max(DEFAULT_BUDGET // (4 if spt > 1 else 1), 1)
+    self.budget = budget or max(DEFAULT_BUDGET // (16 if spt > 1 else 1), 1)
     self.spans = spans
     self.total = self.warm = 0.0
     self.warm_tokens = self.visits = 0
