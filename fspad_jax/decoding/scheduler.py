@@ -8,7 +8,8 @@ on device, where a slot whose row finishes takes the next staged row at once
 (slots.run_with_refills), leaving early only when a slot is free, the stage is used up and
 prompts are pending; read back one int32 report vector, then only the finished rows. The
 attention span of a visit is a bucket of the longest live or staged row's length plus what
-the visit can add, so a step reads the cache slots in use, not the whole cache.
+the visit can add, so a step reads the cache slots in use, not the whole cache. The stage
+holds up to batch_size prefilled rows at full cache length: KV memory for twice the slots.
 
 Every row keeps its own PRNG key (from the record's seed), so outputs do not depend on the
 slot or the neighbours: the same tokens as static batches at T=0, the same samples per
