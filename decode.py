@@ -45,7 +45,10 @@ def main(argv):
   del argv  # cli.run refuses positional arguments
   console.setup_logging()
   from fspad_jax import decode_lib  # imports JAX: after the flags are checked
+  from fspad_jax.decoding.settings import pin_overridden_tree_keys
   try:
+    # decode.tree=auto: tree sizes given on this command line pin the search.
+    pin_overridden_tree_keys(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"]))
     summary = decode_lib.run_decode(_CONFIG.value, _INPUT.value, _OUTPUT.value,
                                     strict=_STRICT.value, seed=_SEED.value,
                                     compare_vanilla=_COMPARE.value,

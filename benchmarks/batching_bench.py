@@ -6,7 +6,8 @@ at a time, in input order, each batch until its longest row is done) against con
 batching (fspad_jax/decoding/scheduler.py: a finished row's slot is refilled at once),
 with and without attention-span bucketing (continuous_spans / continuous_full). Each schedule runs once to compile, then
 --repeats timed runs, interleaved; tokens/s = new tokens / the fastest run's wall time (the
-least disturbed on a shared machine). device_steps counts the batch steps each schedule ran. Greedy
+least disturbed on a shared machine); the median wall time and the least process CPU time
+(all threads) are given beside it. device_steps counts the batch steps each schedule ran. Greedy
 outputs are checked token for token. One JSON line per (schedule, batch).
 
   python benchmarks/batching_bench.py                              # CPU, tiny target
@@ -58,7 +59,7 @@ def workload(n: int, max_new: int, vocab: int, seed: int = 0):
 def run_schedule(engine, items, schedule: str, budget: int):
   """(outputs by tag, wall seconds, new tokens, extra info) of one run over items."""
   got = {}
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   if schedule == "static":
     batches = []
 
@@ -72,12 +73,12 @@ def run_schedule(engine, items, schedule: str, budget: int):
     info = {"device_steps": sum(max(batches[i:i + b]) - 1 for i in range(0, len(batches), b))}
   else:
     spans = {"continuous": None, "continuous_spans": True, "continuous_full": False}[schedule]
-    sched = ContinuousScheduler(engine, budget=budget, spans=spans)
+    sched = ContinuousScheduler(engine, budget=budget or None, spans=spans)
     sched.run(items, lambda item, c: (got.__setitem__(item.tag, c.output_ids), [])[1])
-    info = {"host_visits": sched.visits, "device_steps": sched.device_steps,
+    info = {"budget_used": sched.budget, "host_visits": sched.visits, "device_steps": sched.device_steps,
             "spans": {str(k): v for k, v in sorted(sched.spans_used.items())}}
-  wall = time.perf_counter() - t0
-  return got, wall, sum(len(v) for v in got.values()), info
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  return got, wall, sum(len(v) for v in got.values()), {**info, "cpu": cpu}
 
 
 def main():
@@ -86,7 +87,8 @@ def main():
   ap.add_argument("--batch", type=int, nargs="+", default=[8])
   ap.add_argument("--prompts", type=int, default=32)
   ap.add_argument("--max_new", type=int, default=128)
-  ap.add_argument("--budget", type=int, default=32, help="decode steps per host visit")
+  ap.add_argument("--budget", type=int, default=0,
+                  help="decode steps per host visit (0: the scheduler's default)")
   ap.add_argument("--cache_len", type=int, default=0,
                   help="fixed cache slots (0: prompt bucket + max_new, as decode.py derives)")
   ap.add_argument("--repeats", type=int, default=3)
@@ -104,7 +106,8 @@ def main():
   bandwidth = measure_bandwidth(1 << 31) if gpu else None
   meta = {"shape": args.shape, "dtype": cfg.dtype, "device": str(jax.devices()[0].device_kind),
           "backend": jax.default_backend(), "jax": jax.__version__,
-          "python": platform.python_version(), "cpu_count": os.cpu_count()}
+          "python": platform.python_version(), "cpu_count": os.cpu_count(),
+          "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
   for batch in args.batch:
     config = load_repo_config("tiny")
     config.decode.update(max_new_tokens=args.max_new, batch_size=batch, temperature=0.0,
@@ -112,25 +115,30 @@ def main():
     engine = DecodeEngine.from_model(config, cfg.replace(eos_token_ids=()), graphdef, params,
                                      mesh)
     items = workload(args.prompts, args.max_new, cfg.vocab_size)
-    results = {s: {"walls": []} for s in args.schedules}
+    results = {s: {"walls": [], "cpus": []} for s in args.schedules}
     for rep in range(args.repeats + 1):  # run 0 compiles
       for s in args.schedules:
         got, wall, tokens, info = run_schedule(engine, items, s, args.budget)
         r = results[s]
+        cpu = info.pop("cpu")
         r.update(outputs=got, tokens=tokens, **info)
         if rep:
           r["walls"].append(wall)
+          r["cpus"].append(cpu)
     ref = results[args.schedules[0]]
     for s in args.schedules:
       r = results[s]
       wall = float(np.min(r["walls"]))  # the least disturbed run (shared machines)
       rec = {"schedule": s, "batch": batch, "prompts": args.prompts, "max_new": args.max_new,
-             "budget": args.budget, "new_tokens": r["tokens"], "wall_s": round(wall, 4),
+             "budget": args.budget or None, "new_tokens": r["tokens"], "wall_s": round(wall, 4),
              "tokens_per_s": round(r["tokens"] / wall, 2),
+             "median_wall_s": round(float(np.median(r["walls"])), 4),
+             "min_cpu_s": round(float(np.min(r["cpus"])), 4),
              "speedup_vs_first": round(ref["walls"] and (r["tokens"] / wall)
                                        / (ref["tokens"] / float(np.min(ref["walls"]))), 3),
              "identical_to_first": r["outputs"] == ref["outputs"],
-             **{k: r[k] for k in ("device_steps", "host_visits", "spans") if k in r}}
+             **{k: r[k] for k in ("device_steps", "budget_used", "host_visits", "spans") if k in r},
+             "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
       if bandwidth:
         # Floor of one batch-b step: every weight once (the KV read comes on top).
         rec["bandwidth_GBps"] = round(bandwidth / 1e9, 1)

@@ -48,7 +48,10 @@ def decode_config() -> ml_collections.ConfigDict:
   c.tree_depth = 5
   c.tree_top_k = 4
   c.total_tokens = 16
-  c.tree = ""  # "auto": depth/top-k/nodes (or vanilla) sized from measured costs
+  # "auto": depth/top-k/nodes (or vanilla) sized from measured costs; "auto:depth=4" pins
+  # the depth, as does --config.decode.tree_depth=4 on decode.py's command line (the three
+  # values above are the fixed tree's and do not pin).
+  c.tree = ""
   return c
 
 

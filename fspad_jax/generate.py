@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from fspad_jax.model import KVCache, Transformer
-from fspad_jax.slots import CompiledOnDemand, grow_cache, insert_rows
+from fspad_jax.slots import SlotDecoder, grow_cache
 from fspad_jax.sampling import SamplingParams, fold_rows, row_keys, sample_tokens
 from fspad_jax.sharding import (LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated,
                                 to_host)
@@ -60,7 +60,9 @@ def prefill(model: Transformer, prompt: Array, prompt_lengths: Array, cache: KVC
   the first output is instead those layers' taps [batch, seq, k*embed] from the same pass."""
   batch, seq = prompt.shape
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  feats, taps, cache = model.features_and_taps(prompt, positions, cache, feature_layers or ())
+  # The prompt fills slots 0..seq-1 of an empty cache: attend over those only.
+  feats, taps, cache = model.features_and_taps(prompt, positions, cache, feature_layers or (),
+                                               span=seq)
   last = jnp.take_along_axis(feats, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
   return (feats if taps is None else taps, model.logits(last),
           cache.replace(lengths=prompt_lengths.astype(jnp.int32)))
@@ -261,12 +263,10 @@ def run_steps(model: Transformer, state: DecodeState, budget: Array, options: Ge
                             state._replace(step=jnp.int32(0)))
 
 
-class VanillaSlots(CompiledOnDemand):
-  """Device-side slot functions of continuous batching for vanilla decoding: a DecodeState of
-  `batch` slots, each holding one prompt; a slot is refilled (`insert`) when its row is done.
-
-  Every function is jitted once per static shape (prompt bucket, attention span, cache
-  length) with the state donated; `compiled_last` says whether the last call compiled."""
+class VanillaSlots(SlotDecoder):
+  """Device-side slot functions of continuous batching for vanilla decoding (slots.SlotDecoder):
+  a DecodeState of `batch` slots, each holding one prompt, refilled from a Stage of
+  prefilled prompts when its row is done."""
 
   steps_per_token = 1  # cache slots one decode step may add to a row
   reserve = 1  # slots a step needs beyond a row's length (its own write)
@@ -296,53 +296,36 @@ class VanillaSlots(CompiledOnDemand):
       return jax.jit(fn)
     return self._jit(("empty", cache_len), make)()
 
-  def insert(self, state: DecodeState, slots: np.ndarray, prompt: np.ndarray,
-             lengths: np.ndarray, seeds: np.ndarray, limits: np.ndarray) -> DecodeState:
-    """Prefills prompts [n, padded] (right-padded) in one call and writes row i into slot
-    slots[i] ([n] int32; a repeated slot must repeat its row)."""
-    n, padded = prompt.shape
-    cache_len = state.cache.max_len
-    options = self.options
-
-    def make():
-      def fn(params, state, slots, prompt, lengths, seeds, limits):
-        model = self._model(params)
-        cache = KVCache.create(model.cfg, n, cache_len)
-        rows = first_state(model, prompt, lengths, row_keys(seeds), limits, options, cache)
-        return insert_rows(state, rows, slots)
-      return jax.jit(fn, donate_argnums=(1,))
-    fn = self._jit(("insert", n, padded, cache_len), make)
-    return fn(self.params, state, jnp.asarray(slots, jnp.int32), jnp.asarray(prompt, jnp.int32),
-              jnp.asarray(lengths, jnp.int32), jnp.asarray(seeds, jnp.int32),
-              jnp.asarray(limits, jnp.int32))
-
-  def run(self, state: DecodeState, budget: int, span: int) -> DecodeState:
-    options = self.options
-
-    def make():
-      return jax.jit(lambda params, state, budget: run_steps(
-          self._model(params), state, budget, options, span), donate_argnums=(1,))
-    return self._jit(("run", span, state.cache.max_len), make)(self.params, state,
-                                                               jnp.int32(budget))
-
   def grow(self, state: DecodeState, cache_len: int) -> DecodeState:
     return state._replace(cache=grow_cache(state.cache, cache_len))
 
-  @staticmethod
-  def poll(state: DecodeState) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(done, tokens emitted, cache lengths) per slot, as numpy [batch] vectors, and the
-    steps the last visit ran: one transfer."""
-    done, num, lengths, step = jax.device_get((state.done, state.num, state.cache.lengths,
-                                               state.step))
-    return np.asarray(done), np.asarray(num), np.asarray(lengths), int(step)
+  # ---- slots.SlotDecoder hooks
 
-  def read(self, state: DecodeState, slots: list[int]) -> list[tuple[list[int], int, None]]:
-    """The finished rows' (tokens, finish code, accept lengths None), those rows only."""
-    tokens, num = jax.device_get((state.tokens[np.asarray(slots)],
-                                  state.num[np.asarray(slots)]))
-    stops = set(self.options.stop_token_ids)
-    out = []
-    for row, n in zip(tokens, num):
-      ids = [int(t) for t in row[:n]]
-      out.append((ids, FINISH_STOP if ids and ids[-1] in stops else FINISH_LENGTH, None))
-    return out
+  def _args(self):
+    return self.params
+
+  def _init_rows(self, params, prompt, lengths, seeds, limits, cache_len: int) -> DecodeState:
+    model = self._model(params)
+    cache = KVCache.create(model.cfg, prompt.shape[0], cache_len)
+    return first_state(model, prompt, lengths, row_keys(seeds), limits, self.options, cache)
+
+  def _run_inner(self, params, state: DecodeState, steps, span: int) -> DecodeState:
+    return run_steps(self._model(params), state, steps, self.options, span)
+
+  @staticmethod
+  def _results(state: DecodeState):
+    return state.tokens, state.num
+
+  @staticmethod
+  def _lengths(state: DecodeState):
+    return state.cache.lengths
+
+  @staticmethod
+  def _cache_len(state: DecodeState) -> int:
+    return state.cache.max_len
+
+  def _finish(self, row) -> tuple[list[int], int, None]:
+    tokens, num = row
+    ids = [int(t) for t in tokens[:num]]
+    stop = bool(ids) and ids[-1] in self.options.stop_token_ids
+    return ids, FINISH_STOP if stop else FINISH_LENGTH, None

@@ -49,7 +49,7 @@ from fspad_jax.hot_vocab import DraftVocab, hot_logits, make_draft_vocab
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, move_slots, rope_tables
 from fspad_jax.sampling import SamplingParams, fold_rows, row_keys, sample_tokens
 from fspad_jax.sharding import ShardingRules, replicated, to_host
-from fspad_jax.slots import CompiledOnDemand, grow_cache, insert_rows
+from fspad_jax.slots import SlotDecoder, grow_cache
 
 Array = jax.Array
 
@@ -447,9 +447,9 @@ def run_spec_steps(draft: Draft, target: Transformer, state: SpecState, budget: 
       state._replace(step=jnp.int32(0)))
 
 
-class SpecSlots(CompiledOnDemand):
+class SpecSlots(SlotDecoder):
   """Device-side slot functions of continuous batching for speculative decoding (the
-  counterpart of generate.VanillaSlots, same interface): a SpecState of `batch` slots."""
+  counterpart of generate.VanillaSlots, slots.SlotDecoder): a SpecState of `batch` slots."""
 
   def __init__(self, generator: SpeculativeGenerator, options: SpecOptions, batch: int):
     super().__init__()
@@ -481,36 +481,7 @@ class SpecSlots(CompiledOnDemand):
                               target_cache=state.target_cache.replace(
                                   lengths=jnp.zeros((b,), jnp.int32)))
       return jax.jit(fn)
-    return self._jit(("empty", cache_len), make)(self.gen.target_params, self.gen.draft_params,
-                                                  self.gen.vocab)
-
-  def insert(self, state: SpecState, slots: np.ndarray, prompt: np.ndarray,
-             lengths: np.ndarray, seeds: np.ndarray, limits: np.ndarray) -> SpecState:
-    """As VanillaSlots.insert: one prefill of prompts [n, padded] into slots [n]."""
-    n, padded = prompt.shape
-    cache_len = state.target_cache.max_len
-
-    def make():
-      def fn(tp, dp, vocab, state, slots, prompt, lengths, seeds, limits):
-        rows = self._init(tp, dp, vocab, prompt, lengths, seeds, limits, cache_len)
-        return insert_rows(state, rows, slots)
-      return jax.jit(fn, donate_argnums=(3,))
-    fn = self._jit(("insert", n, padded, cache_len), make)
-    return fn(self.gen.target_params, self.gen.draft_params, self.gen.vocab, state,
-              jnp.asarray(slots, jnp.int32), jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32),
-              jnp.asarray(seeds, jnp.int32), jnp.asarray(limits, jnp.int32))
-
-  def run(self, state: SpecState, budget: int, span: int) -> SpecState:
-    cache_len = state.target_cache.max_len
-
-    def make():
-      def fn(tp, dp, vocab, state, budget):
-        target, draft = self._models(tp, dp)
-        return run_spec_steps(draft, target, state, budget, self._options(cache_len), vocab,
-                              span)
-      return jax.jit(fn, donate_argnums=(3,))
-    return self._jit(("run", span, cache_len), make)(
-        self.gen.target_params, self.gen.draft_params, self.gen.vocab, state, jnp.int32(budget))
+    return self._jit(("empty", cache_len), make)(*self._args())
 
   def grow(self, state: SpecState, cache_len: int) -> SpecState:
     """Both caches grown by the same number of slots (the draft's scratch area moves to its
@@ -520,16 +491,33 @@ class SpecSlots(CompiledOnDemand):
                           draft_cache=grow_cache(state.draft_cache,
                                                  state.draft_cache.max_len + extra))
 
-  @staticmethod
-  def poll(state: SpecState) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    done, num, lengths, step = jax.device_get(
-        (state.done, state.num_tokens, state.target_cache.lengths, state.step))
-    return np.asarray(done), np.asarray(num), np.asarray(lengths), int(step)
+  # ---- slots.SlotDecoder hooks
 
-  def read(self, state: SpecState, slots: list[int]) -> list[tuple[list[int], int, list[int]]]:
-    idx = np.asarray(slots)
-    tokens, num, reason, history = jax.device_get(
-        (state.output[idx], state.num_tokens[idx], state.finish_reason[idx],
-         state.accept_history[idx]))
-    return [([int(t) for t in tokens[i, :num[i]]], int(reason[i]),
-             [int(a) for a in history[i] if a >= 0]) for i in range(len(slots))]
+  def _args(self):
+    return self.gen.target_params, self.gen.draft_params, self.gen.vocab
+
+  def _init_rows(self, args, prompt, lengths, seeds, limits, cache_len: int) -> SpecState:
+    return self._init(*args, prompt, lengths, seeds, limits, cache_len)
+
+  def _run_inner(self, args, state: SpecState, steps, span: int) -> SpecState:
+    tp, dp, vocab = args
+    target, draft = self._models(tp, dp)
+    return run_spec_steps(draft, target, state, steps,
+                          self._options(state.target_cache.max_len), vocab, span)
+
+  @staticmethod
+  def _results(state: SpecState):
+    return state.output, state.num_tokens, state.finish_reason, state.accept_history
+
+  @staticmethod
+  def _lengths(state: SpecState):
+    return state.target_cache.lengths
+
+  @staticmethod
+  def _cache_len(state: SpecState) -> int:
+    return state.target_cache.max_len
+
+  @staticmethod
+  def _finish(row) -> tuple[list[int], int, list[int]]:
+    tokens, num, reason, history = row
+    return ([int(t) for t in tokens[:num]], int(reason), [int(a) for a in history if a >= 0])

@@ -101,6 +101,50 @@ def test_pins_restrict_the_search_and_parse(tmp_path):
   decode_lib.decode_settings(config)
 
 
+def test_command_line_tree_sizes_pin_auto(monkeypatch, tmp_path):
+  """Explicit tree sizes on decode.py's command line win over decode.tree=auto (they become
+  pins); the config file's own sizes do not; a size contradicting a pin is one line, exit 1."""
+  from absl import flags
+  from ml_collections import config_flags
+  from fspad_jax.decoding.settings import pin_overridden_tree_keys
+
+  def parsed(*overrides):
+    argv = ["decode.py", "--config=configs/tiny.py", "--config.decode.method=fspad",
+            *overrides]
+    monkeypatch.setattr("sys.argv", argv)  # ml_collections reads the overrides from argv
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+    values(argv)
+    config = values.config
+    pin_overridden_tree_keys(config, config_flags.get_override_values(values["config"]))
+    return decode_lib.decode_settings(config)
+
+  s = parsed("--config.decode.tree=auto", "--config.decode.tree_depth=3",
+             "--config.decode.total_tokens=8")
+  assert (s.tree, s.tree_pins) == ("auto", (("depth", 3), ("nodes", 8)))
+  s = parsed("--config.decode.tree=auto:top_k=4", "--config.decode.tree_depth=2")
+  assert s.tree_pins == (("depth", 2), ("top_k", 4))
+  assert parsed("--config.decode.tree=auto").tree_pins == ()  # the file's 5/4/16 do not pin
+  s = parsed("--config.decode.tree_depth=3")  # fixed tree: the key is the tree's depth
+  assert (s.tree, s.tree_pins, s.tree_depth) == ("", (), 3)
+  with pytest.raises(DecodeError, match=r"^config key decode.tree_depth=3 contradicts the "
+                                        r"pin depth=2"):
+    parsed("--config.decode.tree=auto:depth=2", "--config.decode.tree_depth=3")
+  # decode.py applies it before loading anything: one line, non-zero exit.
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run(
+      [sys.executable, os.path.join(root, "decode.py"), "--config=configs/tiny.py",
+       "--config.decode.tree=auto:depth=2", "--config.decode.tree_depth=3",
+       f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out.jsonl'}"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0
+  assert "config key decode.tree_depth=3 contradicts the pin depth=2" in run.stderr
+  assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
 def test_costs_cache_reused_and_keyed(tmp_path, monkeypatch):
   monkeypatch.setenv(tree_auto.COSTS_FILE_ENV, str(tmp_path / "costs.json"))
   calls = []

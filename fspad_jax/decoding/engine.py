@@ -221,7 +221,7 @@ class DecodeEngine:
     self.cfg, self.graphdef, self.params = cfg, graphdef, params
     self.tokenizer, self.tokenizer_error = None, "built from a model, without a tokenizer"
     self.stop_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.settings.stop_token_ids)))
-    self.draft_info, self._vanilla = None, None
+    self.draft_info, self._vanilla, self.tree_auto = None, None, None
     self._init_method()
     return self
 

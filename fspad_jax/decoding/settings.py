@@ -183,7 +183,9 @@ TREE_PINS = ("depth", "top_k", "nodes")
 def tree_setting(config) -> tuple[str, tuple[tuple[str, int], ...]]:
   """decode.tree: "" (the fixed tree of decode.tree_depth/tree_top_k/total_tokens) or
   "auto", optionally pinning some sizes: "auto:depth=4,top_k=8" (names depth, top_k,
-  nodes). Returns (tree, pins)."""
+  nodes). Returns (tree, pins). Under "auto" the config file's tree_depth/tree_top_k/
+  total_tokens are not used (they are the fixed tree's); on decode.py's command line they
+  pin the search (pin_overridden_tree_keys)."""
   value = config_value(config, "decode.tree", "")
   bad = DecodeError(f"config key decode.tree={value!r}: expected '' (fixed tree) or 'auto', "
                     f"optionally 'auto:depth=D,top_k=K,nodes=N' with any of those pinned")
@@ -206,6 +208,31 @@ def tree_setting(config) -> tuple[str, tuple[tuple[str, int], ...]]:
     if pins[name.strip()] < 1:
       raise bad
   return "auto", tuple(sorted(pins.items()))
+
+
+# decode.py command-line keys that pin decode.tree=auto's search, and their pin names.
+TREE_KEY_PINS = {"decode.tree_depth": "depth", "decode.tree_top_k": "top_k",
+                 "decode.total_tokens": "nodes"}
+
+
+def pin_overridden_tree_keys(config, overridden) -> None:
+  """Explicit settings win over decode.tree=auto: with decode.tree=auto, each of
+  decode.tree_depth/tree_top_k/total_tokens named in `overridden` (the keys set on decode.py's
+  command line; ml_collections' override values) is added to decode.tree as a pin
+  ("auto" + --config.decode.tree_depth=4 becomes "auto:depth=4"). In place; a key that
+  contradicts a pin already in decode.tree is refused."""
+  tree, pins = tree_setting(config)
+  wanted = [key for key in TREE_KEY_PINS if key in overridden]
+  if tree != "auto" or not wanted:
+    return
+  pins = dict(pins)
+  for key in wanted:
+    name, value = TREE_KEY_PINS[key], config_int(config, key, 1)
+    if pins.get(name, value) != value:
+      raise DecodeError(f"config key {key}={value} contradicts the pin {name}={pins[name]} in "
+                        f"decode.tree={config_value(config, 'decode.tree')!r}")
+    pins[name] = value
+  config.decode.tree = "auto:" + ",".join(f"{n}={v}" for n, v in sorted(pins.items()))
 
 
 def resolve_target_path(path: str) -> str:
