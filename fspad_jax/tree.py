@@ -20,6 +20,10 @@ Drafting (the caller runs the draft model; these functions only keep the books):
   # tree.ancestor_mask as the in-block mask -> target_logits [batch, T, vocab]
   result = verify(tree, target_logits, sampling, rng)
 
+The decoder builds the same buffers in one pass (`assemble_buffers` over the levels'
+`expand_candidates` outputs: one concatenate per field) and reranks with monotone=True;
+the incremental form above is its reference (tests/test_tree.py compares them).
+
 `expand_level` keeps, as in EAGLE-2, the top-K children of *every* frontier node as rerank
 candidates (K*K per level), while only the global top-K of those become the next frontier and
 get expanded. Buffer layout (level-major, so buffer index order is depth order):
