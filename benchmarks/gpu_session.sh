@@ -7,8 +7,10 @@
 #   bash benchmarks/gpu_session.sh SECONDS step   # issue 9's step figures only: the op audit
 #       compiled by the GPU backend (step_ops: does it fuse int8 dequantization and the
 #       per-layer cache slice?), kernels per step (profile_spec), the step against vanilla's
-#       loop (spec_bench), vanilla against the bandwidth bound (decode_bench); no pipeline,
-#       no carried data needed
+#       loop (spec_bench), vanilla against the bandwidth bound (decode_bench), then an A/B
+#       of XLA command buffers with WHILE and CONDITIONAL (spec_bench at batch 1, default
+#       flags against XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,
+#       WHILE,CONDITIONAL); no pipeline, no carried data needed
 #   bash benchmarks/gpu_session.sh SECONDS tree_auto   # issue 12's decode.tree=auto choice
 #       at batch 8 and 32 (tree_auto_bench: the start-up timings at Llama-3-8B shapes with
 #       random bf16 weights, the chosen tree and its expected speedup against the fixed
@@ -90,7 +92,12 @@ benches=("decode_bench.py --shape=llama3_8b --batch 1 8"
                                "profile_spec.py --shape=llama3_8b --dtype=bfloat16 --batch 1"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 8 --draft_vocab 32768"
                                "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768 --draft_weight int8"
-                               "decode_bench.py --shape=llama3_8b --batch 1 8")
+                               "decode_bench.py --shape=llama3_8b --batch 1 8"
+                               # issue 9 item 3: CUDA command buffers (graphs) that take in
+                               # the while loop, A/B at batch 1 (same command, default flags
+                               # first; a leading VAR=value is set for that run only)
+                               "spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768"
+                               "XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,WHILE,CONDITIONAL spec_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 1 --draft_vocab 32768")
 [ "$mode" = tree_auto ] && benches=("tree_auto_bench.py --shape=llama3_8b --dtype=bfloat16 --batch 8 32")
 [ "$mode" = batching ] && benches=("batching_bench.py --shape=llama3_8b --batch 8 32 --prompts 64 --max_new 128 --cache_len 2048 --repeats 2")
 for bench in "${benches[@]}"; do
@@ -98,8 +105,13 @@ for bench in "${benches[@]}"; do
   [ -f "$done_file" ] && continue  # finished in an earlier call
   t=$(($(left) - 5))
   [ "$t" -gt 30 ] || { echo "no time left for $bench"; break; }
-  echo "### python benchmarks/$bench  (timeout ${t}s)" | tee -a "$OUT/bench.log"
+  envs=() rest=$bench  # leading VAR=value words: this run's environment
+  while [[ $rest =~ ^([A-Z_]+=[^ ]*)\ (.*)$ ]]; do
+    envs+=("${BASH_REMATCH[1]}") rest=${BASH_REMATCH[2]}
+  done
+  echo "### ${envs[*]+${envs[*]} }python benchmarks/$rest  (timeout ${t}s)" | tee -a "$OUT/bench.log"
   # shellcheck disable=SC2086
-  timeout "$t" python3 benchmarks/$bench 2>&1 | grep -v "^\s*$" | tee -a "$OUT/bench.log"
+  timeout "$t" env ${envs[@]+"${envs[@]}"} python3 benchmarks/$rest 2>&1 | grep -v "^\s*$" \
+    | tee -a "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] && touch "$done_file"
 done

@@ -7,7 +7,10 @@ and their optimized HLO is read:
 
   ops            instructions that run as their own kernel (fusions, dots, scatters, copies,
                  custom calls, ...) in every non-fused computation, loop bodies included
-                 once; parameters, constants, tuples, get-tuple-element and bitcasts are free;
+                 once; parameters, constants, tuples, get-tuple-element and bitcasts are free,
+                 and so are the bodies of fusions, reducers and comparators (TopK's too);
+  executed_ops   kernels one call runs: loop bodies counted once per trip (equal to ops for
+                 a step without loops, e.g. greedy; null if a trip count is unknown);
   fit            ops = fixed + per_layer * layers, from the 2- and 4-layer compiles;
   big_copies     `copy` instructions whose result is >= 1 MB (cache-sized copies);
   big_temporaries  other results >= 1 MB that are not in-place updates (scatter,
@@ -15,6 +18,9 @@ and their optimized HLO is read:
   custom_calls   by target (TopK, sort, ...); `sort` instructions are counted too;
   while_loops    loops left in the step, with their trip count when XLA knows it, and
                  whether they run the threefry PRNG;
+  speculative_by_source  the speculative step's ops (at the first layer count) by the line
+                 of speculative_step / build_tree they come from, and by innermost line
+                 (from the HLO's stack frames);
   full_lm_head_reads  kernels that take the target's whole LM head as an operand (verify,
                  and each full-vocabulary draft pass; a hot-vocabulary draft reads a slice);
   draft_pass     bytes one sequential draft pass reads: the draft head and the LM head rows
@@ -24,6 +30,7 @@ and their optimized HLO is read:
   python benchmarks/step_ops.py --draft_vocab 32768  # hot-vocabulary draft
   python benchmarks/step_ops.py --draft_vocab 32768 --draft_weight int8
   python benchmarks/step_ops.py --json out.json
+  python benchmarks/step_ops.py --by_source 40       # ops per source line (speculative_by_source)
 
 The CPU op count is a proxy for GPU kernels per step (the GPU backend fuses differently);
 benchmarks/profile_spec.py counts real kernels on a GPU.
@@ -89,19 +96,82 @@ def parse_hlo(text: str) -> dict[str, list[dict]]:
   return comps
 
 
-def audit_hlo(text: str) -> dict:
-  """Counts of one compiled function's optimized HLO (see the module docstring)."""
+def _stack_frames(text: str) -> dict[int, list[tuple[str, str, int]]]:
+  """The optimized HLO's stack-frame tables -> {stack_frame_id: [(file, function, line),
+  innermost first]} (files by base name)."""
+  tables, current = {}, None
+  for line in text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+    elif current is not None and re.match(r"^\d+ ", line):
+      index, rest = line.split(" ", 1)
+      current[int(index)] = rest
+    elif not line.strip():
+      current = None
+  if "StackFrames" not in tables:
+    return {}
+  files = {k: v.strip('"').rsplit("/", 1)[-1] for k, v in tables["FileNames"].items()}
+  funcs = {k: v.strip('"') for k, v in tables["FunctionNames"].items()}
+  field = lambda text, key: int(re.search(rf"{key}=(\d+)", text).group(1))
+  locs = {k: (files[field(v, "file_name_id")], funcs[field(v, "function_name_id")],
+              field(v, "line")) for k, v in tables["FileLocations"].items()}
+  # parent_frame_id is printed one above the parent's id (0 would be "none").
+  parents = {k: (field(v, "file_location_id"), field(v, "parent_frame_id") - 1)
+             for k, v in tables["StackFrames"].items()}
+  chains = {}
+  for frame in parents:
+    chain, f = [], frame
+    while f in parents and len(chain) < 64:
+      loc, f = parents[f]
+      chain.append(locs[loc])
+    chains[frame] = chain
+  return chains
+
+
+def ops_by_source(text: str, anchor: str = "speculative_step", top: int = 40) -> dict:
+  """Kernel ops attributed to source: {"phase": ops by the line of `anchor` (the step
+  function) they come from, "line": ops by their innermost project line}."""
   comps = parse_hlo(text)
-  # Computations that are not kernels of their own: fusion bodies and reducers / comparators.
+  chains = _stack_frames(text)
+  nested = _nested_computations(comps)
+  phase, inner = collections.Counter(), collections.Counter()
+  for name, insts in comps.items():
+    if name in nested:
+      continue
+    for inst in insts:
+      if inst["op"] in FREE_OPS:
+        continue
+      frame = re.search(r"stack_frame_id=(\d+)", inst["rest"])
+      chain = chains.get(int(frame.group(1)), []) if frame else []
+      project = [c for c in chain if c[0] not in ("step_ops.py",)]
+      at = [c for c in project if c[1] == anchor]
+      phase[f"{at[0][0]}:{at[0][2]}" if at else "?"] += 1
+      inner[(f"{project[0][0]}:{project[0][2]} {project[0][1]}" if project else
+             f"? {inst['op']}")] += 1
+  return {"phase": dict(phase.most_common(top)), "line": dict(inner.most_common(top))}
+
+
+def _nested_computations(comps: dict) -> set[str]:
+  """Computations that are not kernels of their own: fusion bodies, reducers, comparators."""
   nested = set()
   for insts in comps.values():
     for inst in insts:
-      for key in ("calls", "to_apply", "comparator", "scatter"):
-        for name in re.findall(rf"{key}=%?([\w.\-]+)", inst["rest"]):
-          if inst["op"] in ("fusion", "reduce", "reduce-window", "sort", "scatter",
+      if inst["op"] not in ("fusion", "reduce", "reduce-window", "sort", "scatter",
                             "select-and-scatter", "map", "all-reduce", "reduce-scatter",
                             "custom-call"):
-            nested.add(name)
+        continue
+      for key in ("calls", "to_apply", "comparator", "scatter"):
+        nested.update(re.findall(rf"{key}=%?([\w.\-]+)", inst["rest"]))
+      # A custom call's comparator (TopK's) is named in a {list}, and is no kernel either.
+      for group in re.findall(r"called_computations=\{([^}]*)\}", inst["rest"]):
+        nested.update(re.findall(r"%?([\w.\-]+)", group))
+  return nested
+
+
+def audit_hlo(text: str) -> dict:
+  """Counts of one compiled function's optimized HLO (see the module docstring)."""
+  comps = parse_hlo(text)
+  nested = _nested_computations(comps)
   ops, copies, temps, custom, sorts, loops = 0, [], [], collections.Counter(), 0, []
   lm_head_reads = 0
   by_op = collections.Counter()
@@ -134,11 +204,53 @@ def audit_hlo(text: str) -> dict:
         loops.append({"trip_count": int(trips.group(1)) if trips else None,
                       "threefry": "threefry" in body_text.lower()
                                   or "xor" in _fused_ops(comps, body)})
-  return {"ops": ops, "big_copies": len(copies), "big_copy_mb": round(sum(copies) / 1e6, 1),
+  return {"ops": ops, "executed_ops": executed_ops(text),
+          "big_copies": len(copies), "big_copy_mb": round(sum(copies) / 1e6, 1),
           "big_temporaries": len(temps), "big_temporary_mb": round(sum(temps) / 1e6, 1),
           "custom_calls": dict(custom), "sorts": sorts, "while_loops": loops,
           "full_lm_head_reads": lm_head_reads,
           "ops_by_kind": dict(by_op.most_common(12))}
+
+
+def executed_ops(text: str) -> int | None:
+  """Kernels one call runs: the entry's ops, with each while loop's body and condition
+  counted once per trip (`ops` counts them once) and a conditional's branches summed (an
+  upper bound). None when a loop's trip count is not known to XLA."""
+  comps = parse_hlo(text)
+  entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", text, re.M).group(1)
+  memo = {}
+
+  def count(name: str) -> int | None:
+    if name not in memo:
+      total = 0
+      for inst in comps.get(name, []):
+        op = inst["op"]
+        if op in FREE_OPS:
+          continue
+        total += 1
+        if op == "while":
+          body = re.search(r"body=%?([\w.\-]+)", inst["rest"]).group(1)
+          cond = re.search(r"condition=%?([\w.\-]+)", inst["rest"]).group(1)
+          trips = re.search(r'"n":"(\d+)"', inst["rest"])
+          inner = [count(body), count(cond)]
+          if trips is None or None in inner:
+            memo[name] = None
+            return None
+          total += int(trips.group(1)) * sum(inner)
+        elif op in ("conditional", "call"):
+          for group in re.findall(r"(?:branch_computations=\{([^}]*)\}|to_apply=%?([\w.\-]+)|"
+                                  r"true_computation=%?([\w.\-]+)|"
+                                  r"false_computation=%?([\w.\-]+))", inst["rest"]):
+            for callee in re.findall(r"[\w.\-]+", " ".join(group)):
+              inner = count(callee.lstrip("%"))
+              if inner is None:
+                memo[name] = None
+                return None
+              total += inner
+      memo[name] = total
+    return memo[name]
+
+  return count(entry)
 
 
 def _in_place(inst: dict, comps: dict) -> bool:
@@ -261,6 +373,9 @@ def main(argv=None):
                   help="int8: weight-only int8 draft head (and hot LM head)")
   ap.add_argument("--temperature", type=float, default=0.0)
   ap.add_argument("--json", default=None, help="also write the report here")
+  ap.add_argument("--by_source", type=int, default=25, metavar="N",
+                  help="attribute the speculative step's ops (at the first layer count) to "
+                       "its N busiest lines of speculative_step and build_tree (0: off)")
   args = ap.parse_args(argv)
 
   depth, top_k, total = args.tree
@@ -279,18 +394,29 @@ def main(argv=None):
     if args.draft_vocab:
       draft_cfg = draft_cfg.replace(hot_vocab_size=args.draft_vocab)
     vanilla[layers] = audit_hlo(vanilla_hlo(cfg, args.batch, args.cache_len))
-    speculative[layers] = audit_hlo(spec_hlo(cfg, draft_cfg, args.batch, args.cache_len,
-                                             depth, top_k, total, sampling, args.draft_weight))
+    spec_text = spec_hlo(cfg, draft_cfg, args.batch, args.cache_len, depth, top_k, total,
+                         sampling, args.draft_weight)
+    speculative[layers] = audit_hlo(spec_text)
+    if args.by_source and layers == args.layers[0]:
+      report["speculative_by_source"] = {
+          "layers": layers,
+          "speculative_step": ops_by_source(spec_text, "speculative_step",
+                                            args.by_source)["phase"],
+          "build_tree": ops_by_source(spec_text, "build_tree", args.by_source)["phase"],
+          "innermost": ops_by_source(spec_text, "speculative_step", args.by_source)["line"]}
     print(f"[step_ops] {layers} layers: vanilla {vanilla[layers]['ops']} ops, "
           f"speculative {speculative[layers]['ops']} ops", file=sys.stderr)
   cfg32 = llama3_8b_config("float32")
   draft32 = draft_config_from_target(cfg32, args.draft_kind)
   if args.draft_vocab:
     draft32 = draft32.replace(hot_vocab_size=args.draft_vocab)
+  fits = lambda runs: {key: fit({k: v[key] for k, v in runs.items()})
+                       for key in ("ops", "executed_ops")
+                       if all(v[key] is not None for v in runs.values())}
   report["vanilla"] = {"fit": fit({k: v["ops"] for k, v in vanilla.items()}),
-                       "by_layers": vanilla}
+                       "fits": fits(vanilla), "by_layers": vanilla}
   report["speculative"] = {"fit": fit({k: v["ops"] for k, v in speculative.items()}),
-                           "by_layers": speculative}
+                           "fits": fits(speculative), "by_layers": speculative}
   report["draft_pass"] = draft_pass_bytes(cfg32, draft32, args.draft_dtype_bytes,
                                           args.draft_weight)
   text = json.dumps(report, indent=1)

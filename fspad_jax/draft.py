@@ -286,8 +286,8 @@ class DraftLayer(nnx.Module):
       out = a + update
       return out, out
     d = a.shape[-1]
-    out = jnp.concatenate([a, a], axis=-1) + update  # [batch, seq, 2*embed]
-    return out[..., :d], out[..., d:]
+    # o = [a; a] + update, as two halves (no concatenated copy of a).
+    return a + update[..., :d], a + update[..., d:]
 
 
 class Eagle3Layer(nnx.Module):

@@ -132,6 +132,10 @@ class AttentionInputs(NamedTuple):
   sin: Array  # [batch, seq, head_dim]
   mask: Array  # [batch, seq, max_len] bool over cache slots ([batch, seq, seq] without a cache)
   write_slots: Array | None  # [batch, seq] int32 (out of range: not written); None: no cache
+  # Static: when every row writes the block at the same contiguous slots write_start +
+  # 0..seq-1 (a draft tree level's scratch slots), the write is one dynamic-update-slice
+  # per buffer instead of a scatter (write_slots must then equal those slots).
+  write_start: int | None = None
 
 
 def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Array | None,
@@ -165,9 +169,20 @@ def make_attention_inputs(cfg: ModelConfig, positions: Array, cache_lengths: Arr
     block_mask &= positions[:, :, None] - positions[:, None, :] < window
   if cache_lengths is None:
     return AttentionInputs(cos, sin, block_mask, None)
-  write_slots = contiguous if write_slots is None else write_slots
-  at_slot = write_slots[:, :, None] == slots[None, None, :]  # [batch, seq(key), max_len]
-  in_block = jnp.any(block_mask[:, :, :, None] & at_slot[:, None], axis=2)  # [b, seq, max_len]
+  if write_slots is None:
+    # Contiguous block at slots lengths + 0..seq-1: slot s holds block key s - lengths, so
+    # the block part of the mask is block_mask read at that offset (one gather; no
+    # [batch, seq, seq, max_len] reduction).
+    write_slots = contiguous
+    key = slots[None, :] - cache_lengths[:, None]  # [batch, max_len]
+    in_range = (key >= 0) & (key < seq)  # [batch, max_len]
+    gathered = jnp.take_along_axis(
+        block_mask, jnp.broadcast_to(jnp.clip(key, 0, seq - 1)[:, None], (batch, seq, max_len)),
+        axis=2)  # [batch, seq, max_len]
+    in_block = gathered & in_range[:, None]
+  else:
+    at_slot = write_slots[:, :, None] == slots[None, None, :]  # [batch, seq(key), max_len]
+    in_block = jnp.any(block_mask[:, :, :, None] & at_slot[:, None], axis=2)  # [b, seq, max_len]
   mask = (slots[None, None, :] < cache_lengths[:, None, None]) | in_block
   if window is not None:
     # Committed slot s holds position s; block slots were windowed through block_mask.
@@ -216,8 +231,12 @@ class Attention(nnx.Module):
       heads = jnp.arange(cfg.num_kv_heads)[None, None, :]  # [1, 1, kv_heads]
       slots = att.write_slots[:, :, None]  # [batch, seq, 1]
       # Write first (in place; out-of-range slots are dropped), then read the whole layer.
-      write = lambda c, new: c.at[layer, rows, heads, slots].set(new.astype(c.dtype),
-                                                                 mode="drop")
+      if att.write_start is None:
+        write = lambda c, new: c.at[layer, rows, heads, slots].set(new.astype(c.dtype),
+                                                                   mode="drop")
+      else:  # the same contiguous slots in every row: one slice update
+        write = lambda c, new: jax.lax.dynamic_update_slice(
+            c, new.swapaxes(1, 2)[None].astype(c.dtype), (layer, 0, 0, att.write_start, 0))
       cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
       # Read only the attention span (the mask's width: the slots in use, see
       # make_attention_inputs); the whole layer when the span is the cache.

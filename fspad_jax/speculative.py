@@ -162,35 +162,42 @@ def build_tree(draft: Draft, target: Transformer, state: SpecState, options: Spe
   layer_cfg = draft.cfg.layer_config
 
   tokens, scores = state.root_tokens, state.root_logp  # [batch, K]
-  buffers = tree_lib.init_buffers(state.last_token, tokens, scores, D)
-  frontier_tokens = tokens
+  frontier_tokens, frontier_scores = tokens, scores
   # [batch, K, embed]: the feature each frontier node is fed (its parent's output).
   frontier_feats = jnp.broadcast_to(state.root_feature[:, None],
                                     (batch, K, state.root_feature.shape[-1]))
-  ancestors = jnp.zeros((batch, K, options.scratch), bool)  # scratch slots each node sees
-  slots = jnp.arange(max_len)
+  # Per-step constants, built once for all levels: RoPE at positions n + level - 1
+  # ([batch, D-1, head_dim]).
+  cos_all, sin_all = rope_tables(layer_cfg, committed[:, None] + jnp.arange(max(D - 1, 1)))
+  slot_ids = np.arange(max_len)  # [max_len]
+  own_slots = lambda level: scratch_base + (level - 1) * K + np.arange(K)  # [K]
+  # Which cache slots each frontier node sees: the committed prefix, its ancestors' scratch
+  # slots and its own (written before attending); a child inherits its parent's row.
+  mask = ((slot_ids < committed[:, None, None])
+          | (slot_ids == own_slots(1)[:, None])[None])  # [batch, K, max_len]
+  expansions = []
   for level in range(1, D):
-    # The level-(level-1) frontier goes through the draft at position n + level - 1.
-    positions = jnp.broadcast_to((committed + level - 1)[:, None], (batch, K))
-    own = (level - 1) * K + jnp.arange(K)  # scratch index of each frontier slot
-    prefix = slots[None, None, :] < committed[:, None, None]  # [batch, 1, max_len]
-    # Each node sees its ancestors' scratch slots and its own (written before attending).
-    seen = ancestors | (jnp.arange(options.scratch) == own[:, None])[None]  # [b, K, scratch]
-    mask = prefix | jnp.pad(seen, ((0, 0), (0, 0), (scratch_base, 0)))  # [batch, K, max_len]
-    cos, sin = rope_tables(layer_cfg, positions)
-    write_slots = jnp.broadcast_to(scratch_base + own, (batch, K)).astype(jnp.int32)
+    # The level-(level-1) frontier goes through the draft at position n + level - 1; its
+    # K/V go to the contiguous scratch slots own_slots(level) (the same for every row).
+    cos = jnp.broadcast_to(cos_all[:, level - 1, None], (batch, K, cos_all.shape[-1]))
+    sin = jnp.broadcast_to(sin_all[:, level - 1, None], (batch, K, sin_all.shape[-1]))
+    write_slots = jnp.broadcast_to(jnp.asarray(own_slots(level), jnp.int32), (batch, K))
     x = draft.fuse_inputs(frontier_feats, target.embed(frontier_tokens))
-    predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, write_slots))
+    predict, regress, cache = draft.layer(
+        x, cache, AttentionInputs(cos, sin, mask, write_slots,
+                                  write_start=int(own_slots(level)[0])))
     child_tokens, child_logp = draft_candidates(target, predict, K, vocab, draft)  # [b,K,K]
-    expansion = tree_lib.expand_candidates(buffers.frontier_scores, child_tokens, child_logp)
-    buffers = tree_lib.add_level(buffers, level, expansion)
+    expansion = tree_lib.expand_candidates(frontier_scores, child_tokens, child_logp)
+    expansions.append(expansion)
     parent = expansion.frontier_parent_slots  # [batch, K]
-    frontier_tokens = expansion.frontier_tokens
+    frontier_tokens, frontier_scores = expansion.frontier_tokens, expansion.frontier_scores
     frontier_feats = jnp.take_along_axis(regress, parent[:, :, None], axis=1)
-    parent_anc = jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
-    ancestors = parent_anc | (jnp.arange(options.scratch)[None, None]
-                              == ((level - 1) * K + parent)[:, :, None])
-  return tree_lib.rerank(buffers, options.total_tokens), cache
+    if level + 1 < D:
+      mask = (jnp.take_along_axis(mask, parent[:, :, None], axis=1)
+              | (slot_ids == own_slots(level + 1)[:, None])[None])
+  buffers = tree_lib.assemble_buffers(state.last_token, tokens, scores, expansions, D)
+  # Child score = parent score + a cleaned log-prob: already monotone along every path.
+  return tree_lib.rerank(buffers, options.total_tokens, monotone=True), cache
 
 
 def commit_target_cache(cache: KVCache, accepted_nodes: Array, accept_len: Array,
@@ -255,10 +262,11 @@ def speculative_step(draft: Draft, target: Transformer, state: SpecState, option
   path_feats = jnp.take_along_axis(taps, node[:, :, None], axis=1)  # [batch, D+1, k*embed]
   path_next = jnp.maximum(result.output_tokens, 0)  # [batch, D+1]
   draft_positions = n[:, None] + jnp.arange(width)[None]
-  valid = (jnp.arange(width)[None] <= result.accept_len[:, None]) & active[:, None]
-  write_slots = jnp.where(valid, draft_positions, draft_cache.max_len)  # pad/inactive: drop
+  # All D+1 inputs are written right after the prefix (the causal fast path): slots past a
+  # row's new length (padding beyond accept_len, and inactive rows) lie beyond its
+  # committed prefix, which no query reads; later commits overwrite them.
   out = draft(path_feats, target.embed(path_next), draft_positions,
-              draft_cache.replace(lengths=n), write_slots=write_slots)
+              draft_cache.replace(lengths=n))
   take_last = lambda x: jnp.take_along_axis(x, result.accept_len[:, None, None], axis=1)[:, 0]
   next_tokens, next_logp = draft_candidates(target, take_last(out.predict), options.top_k,
                                            vocab, draft)

@@ -20,6 +20,10 @@ Drafting (the caller runs the draft model; these functions only keep the books):
   # tree.ancestor_mask as the in-block mask -> target_logits [batch, T, vocab]
   result = verify(tree, target_logits, sampling, rng)
 
+The decoder builds the same buffers in one pass (`assemble_buffers` over the levels'
+`expand_candidates` outputs: one concatenate per field) and reranks with monotone=True;
+the incremental form above is its reference (tests/test_tree.py compares them).
+
 `expand_level` keeps, as in EAGLE-2, the top-K children of *every* frontier node as rerank
 candidates (K*K per level), while only the global top-K of those become the next frontier and
 get expanded. Buffer layout (level-major, so buffer index order is depth order):
@@ -35,6 +39,7 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fspad_jax.sampling import SamplingParams, processed_probs
 
@@ -72,8 +77,12 @@ def top_candidates(logits: Array, top_k: int) -> tuple[Array, Array]:
   logits = logits.astype(jnp.float32)
   logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
   values, tokens = jax.lax.top_k(logits, top_k)  # [..., K]
-  logp = values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  return tokens.astype(jnp.int32), _clean_log_probs(logp)
+  # logsumexp without jax.nn.logsumexp's guard for an infinite max (one kernel fewer): an
+  # all -inf (or +inf) row gives NaN here, which _clean_log_probs turns into -inf. (Taking
+  # the shift from the top-1 value instead makes CPU XLA replace TopK by a full sort.)
+  shift = jnp.max(logits, axis=-1, keepdims=True)  # [..., 1]
+  lse = shift + jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1, keepdims=True))
+  return tokens.astype(jnp.int32), _clean_log_probs(values - lse)
 
 
 def root_level(logp: Array, top_k: int) -> tuple[Array, Array]:
@@ -195,6 +204,46 @@ def add_level(buffers: TreeBuffers, level, expansion: Expansion) -> TreeBuffers:
       frontier_scores=expansion.frontier_scores)
 
 
+def assemble_buffers(root_tokens: Array, tokens: Array, scores: Array,
+                     expansions: list[Expansion], depth: int) -> TreeBuffers:
+  """The buffers `init_buffers` + `add_level` for levels 1..D-1 build, in one pass: each
+  field is one concatenate of its per-level pieces instead of a dynamic-update-slice per
+  level and field, and the static fields (depths, parent slots) are constants.
+
+  root_tokens [batch]; tokens, scores [batch, K]: level 0 (`root_level`); expansions: the
+  D-1 levels' `expand_candidates` outputs, in order. Equal to the incremental build
+  (tests/test_tree.py checks it)."""
+  batch, top_k = tokens.shape
+  assert len(expansions) == depth - 1, (len(expansions), depth)
+  size = num_buffer_nodes(top_k, depth)
+  width = top_k * top_k
+  ids = np.arange(size)
+  node_depths = 1 + np.where(ids < top_k, 0, 1 + (ids - top_k) // width)  # [N]
+  level_parent_slots = np.arange(width) // top_k  # [K*K]: frontier slot of each candidate
+  parent_slots = np.concatenate([np.full(top_k, -1)] + [level_parent_slots] * (depth - 1))
+  token_parts, score_parts = [tokens.astype(jnp.int32)], [scores.astype(jnp.float32)]
+  parent_parts = [jnp.full((batch, top_k), -1, jnp.int32)]
+  frontier_parts = [jnp.broadcast_to(jnp.arange(top_k, dtype=jnp.int32), (batch, top_k))]
+  frontier_ids = frontier_parts[0]  # [batch, K]: buffer ids of the previous frontier
+  frontier_scores = scores.astype(jnp.float32)
+  for level, expansion in enumerate(expansions, start=1):
+    token_parts.append(expansion.candidate_tokens.astype(jnp.int32))
+    score_parts.append(expansion.candidate_scores.astype(jnp.float32))
+    parent_parts.append(frontier_ids[:, level_parent_slots])  # [batch, K*K]
+    is_slot = expansion.frontier_index[:, :, None] == np.arange(width)  # [batch, K, K*K]
+    frontier_parts.append(jnp.where(jnp.any(is_slot, axis=1), jnp.argmax(is_slot, axis=1),
+                                    -1).astype(jnp.int32))  # [batch, K*K]
+    frontier_ids = (level_offset(level, top_k) + expansion.frontier_index).astype(jnp.int32)
+    frontier_scores = expansion.frontier_scores
+  cat = lambda parts: jnp.concatenate(parts, axis=1)  # [batch, N]
+  rows = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.int32), (batch, size))
+  return TreeBuffers(
+      root_tokens=root_tokens.astype(jnp.int32), tokens=cat(token_parts),
+      scores=cat(score_parts), parents=cat(parent_parts), depths=rows(node_depths),
+      parent_slots=rows(parent_slots), frontier_slots=cat(frontier_parts),
+      frontier_ids=frontier_ids, frontier_scores=frontier_scores, top_k=top_k, depth=depth)
+
+
 # ----------------------------------------------------------------------------- rerank
 
 
@@ -221,7 +270,7 @@ class Tree:
   depth: int = flax.struct.field(pytree_node=False, default=1)
 
 
-def rerank(buffers: TreeBuffers, total_tokens: int) -> Tree:
+def rerank(buffers: TreeBuffers, total_tokens: int, monotone: bool = False) -> Tree:
   """Keeps the `total_tokens` best buffer nodes and flattens them into a `Tree`.
 
   Order: score descending, ties to the shallower node, then to the lower buffer id (one rule,
@@ -230,17 +279,18 @@ def rerank(buffers: TreeBuffers, total_tokens: int) -> Tree:
   `add_level`, where child = parent + log-prob with log-prob <= 0 and rounding is monotone).
   Then a parent's key strictly precedes its child's (score >=, and a lower id breaks the tie),
   so every prefix of the order, in particular the kept top-`total_tokens`, contains the parent
-  of each of its nodes."""
+  of each of its nodes. monotone=True skips making the scores monotone: only for buffers
+  whose child scores are parent score + a cleaned log-prob (`add_level`, `assemble_buffers`),
+  where that pass changes nothing."""
   top_k, depth = buffers.top_k, buffers.depth
   batch, size = buffers.tokens.shape
   assert 1 <= total_tokens <= size, (total_tokens, size)
   num_nodes = total_tokens + 1
-  rows = jnp.arange(batch)[:, None]  # [batch, 1]
 
   scores = _clean_log_probs(buffers.scores)  # [batch, N]; NaN -> -inf, scores are <= 0
   has_parent = buffers.parents >= 0  # [batch, N]
   safe_parents = jnp.maximum(buffers.parents, 0)  # [batch, N]
-  for _ in range(depth - 1):  # propagate the min down one level per pass
+  for _ in range(0 if monotone else depth - 1):  # propagate the min down one level per pass
     parent_scores = jnp.take_along_axis(scores, safe_parents, axis=1)  # [batch, N]
     scores = jnp.where(has_parent, jnp.minimum(scores, parent_scores), scores)
 
@@ -250,12 +300,13 @@ def rerank(buffers: TreeBuffers, total_tokens: int) -> Tree:
   order = jnp.argsort(order_key, axis=1)  # [batch, total]: by (depth, rank)
   node_ids = jnp.take_along_axis(kept_ids, order, axis=1).astype(jnp.int32)  # [batch, total]
 
-  tree_index = jnp.full((batch, size), -1, jnp.int32)  # [batch, N]: buffer id -> tree index
-  tree_index = tree_index.at[rows, node_ids].set(jnp.arange(1, num_nodes, dtype=jnp.int32))
   gather = lambda field: jnp.take_along_axis(field, node_ids, axis=1)  # [batch, total]
   buffer_parents = gather(buffers.parents)  # [batch, total]
-  draft_parents = jnp.where(buffer_parents < 0, 0, jnp.take_along_axis(
-      tree_index, jnp.maximum(buffer_parents, 0), axis=1))  # [batch, total]
+  # A kept node's parent is kept (see above): its tree index is 1 + its place in node_ids
+  # (found by matching ids, [batch, total, total]; no buffer-wide index map), 0 for the root.
+  is_parent = buffer_parents[:, :, None] == node_ids[:, None, :]  # [batch, total, total]
+  draft_parents = jnp.max(jnp.where(is_parent, jnp.arange(1, num_nodes, dtype=jnp.int32), 0),
+                          axis=2)  # [batch, total]: ids are distinct, so one match at most
 
   prepend = lambda root, rest: jnp.concatenate(
       [jnp.full((batch, 1), root, rest.dtype), rest], axis=1)  # [batch, T]
@@ -340,9 +391,10 @@ def verify_greedy(tree: Tree, target_logits: Array) -> Verification:
   accepted = ~jnp.any(tree.ancestor_mask & ~matches[:, None, :], axis=2)  # [batch, T]
   on_depth = accepted[:, :, None] & (tree.depths[:, :, None] == jnp.arange(depth + 1)
                                      )  # [batch, T, D+1]
-  accepted_nodes = jnp.where(jnp.any(on_depth, axis=1), jnp.argmax(on_depth, axis=1),
-                             -1).astype(jnp.int32)  # [batch, D+1]
-  accept_len = (jnp.sum(accepted, axis=1) - 1).astype(jnp.int32)  # [batch]
+  # At most one accepted node per depth: a max over node indices finds it (-1: none).
+  node_index = jnp.arange(tree.tokens.shape[1], dtype=jnp.int32)[None, :, None]  # [1, T, 1]
+  accepted_nodes = jnp.max(jnp.where(on_depth, node_index, -1), axis=1)  # [batch, D+1]
+  accept_len = (jnp.sum(accepted_nodes >= 0, axis=1) - 1).astype(jnp.int32)  # [batch]
   last = jnp.take_along_axis(accepted_nodes, accept_len[:, None], axis=1)  # [batch, 1]
   bonus = jnp.take_along_axis(target_argmax, last, axis=1)[:, 0].astype(jnp.int32)
   return Verification(accept_len, accepted_nodes, bonus,

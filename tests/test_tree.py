@@ -47,11 +47,26 @@ def build_tree(root_tokens, root_logp, level_logps, top_k, total_tokens, traced_
   return buffers, tree_lib.rerank(buffers, total_tokens)
 
 
+@functools.partial(jax.jit, static_argnames=("top_k",))
+def assemble_buffers(root_tokens, root_logp, level_logps, top_k):
+  """The decoder's one-pass bookkeeping (tree.assemble_buffers) over the same levels."""
+  depth = level_logps.shape[1] + 1
+  tokens, scores = tree_lib.root_level(root_logp, top_k)
+  frontier_scores, expansions = scores, []
+  for level in range(1, depth):
+    expansion = tree_lib.expand_level(frontier_scores, level_logps[:, level - 1], top_k)
+    expansions.append(expansion)
+    frontier_scores = expansion.frontier_scores
+  return tree_lib.assemble_buffers(root_tokens, tokens, scores, expansions, depth)
+
+
 verify_greedy = jax.jit(tree_lib.verify_greedy)
 verify_sample_with_uniforms = jax.jit(tree_lib.verify_sample_with_uniforms,
                                       static_argnames="sampling")
 verify_sample = jax.jit(tree_lib.verify_sample, static_argnames="sampling")
 rerank = jax.jit(tree_lib.rerank, static_argnames="total_tokens")
+rerank_monotone = jax.jit(functools.partial(tree_lib.rerank, monotone=True),
+                          static_argnames="total_tokens")
 
 
 def random_draft(seed, top_k, depth, vocab, batch=BATCH):
@@ -121,6 +136,11 @@ def test_construction_matches_reference(top_k, depth, total_tokens, vocab):
     _, traced = build_tree(root_tokens, root_logp, level_logps, top_k, total_tokens,
                            traced_levels=True)
     assert_trees_equal(as_numpy(traced), expected)
+    # The one-pass assembly equals the incremental one, field by field.
+    assembled = assemble_buffers(root_tokens, root_logp, level_logps, top_k)
+    assert_trees_equal(as_numpy(assembled), as_numpy(buffers))
+    # These buffers are monotone along paths, so skipping that pass changes nothing.
+    assert_trees_equal(as_numpy(rerank_monotone(buffers, total_tokens)), expected)
 
 
 def assert_well_formed(tree, buffer_parents):
