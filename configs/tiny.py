@@ -109,6 +109,9 @@ def train_config() -> ml_collections.ConfigDict:
   # steps (1 = teacher forcing), one loss per step weighted by ttt_weights (() = 0.8^k).
   c.ttt_steps = 1
   c.ttt_weights = ()
+  # Hot-vocabulary drafts (draft.vocab_size > 0): the token loss over the full vocabulary
+  # ("full") or over the hot ids against the target's renormalized hot distribution ("hot").
+  c.token_loss = "full"
   c.seed = 0
   c.depths = 5  # agreement measured at draft depths 1..depths
   c.log_every = 20

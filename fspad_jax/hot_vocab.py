@@ -8,8 +8,10 @@ frequent target tokens, so each draft pass reads N rows of the LM head instead o
     `<workdir>/hot_vocab.npy`, beside draft_config.json; EAGLE-layout exports carry them as
     EAGLE-3's `d2t` offsets (target id = draft id + d2t[draft id]).
   * Decoding slices the target's LM head to those rows once, at load (`DraftVocab`); the draft's
-    top-k runs over the N hot logits and maps back to target ids. Training is unchanged: the
-    token loss still runs over the full vocabulary (the draft head has no vocabulary of its own).
+    top-k runs over the N hot logits and maps back to target ids. Training's token loss runs
+    over the full vocabulary (`train.token_loss = "full"`, the default) or over the hot ids,
+    against the target's distribution restricted to them and renormalized ("hot", EAGLE-3's
+    recipe; train_lib.token_terms). Per-depth agreement counts the hot top-1 either way.
 
 Verification always uses the target's full distribution, so output stays lossless: a hot-only
 draft just cannot propose a cold token, and the verifier supplies it as the bonus token.

@@ -39,6 +39,7 @@ from fspad_jax import ttt
 from fspad_jax.config import ConfigError, ModelConfig
 from fspad_jax.draft import Draft, DraftConfig, abstract_draft, draft_logits, init_draft
 from fspad_jax.hf_checkpoint import param_shardings
+from fspad_jax.hot_vocab import hot_logits, make_draft_vocab
 from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
 from fspad_jax.sharding import ShardingRules, replicated
 
@@ -54,6 +55,7 @@ class LossConfig:
   smooth_l1_beta: float = 1.0
   ttt_steps: int = 1  # training-time test: draft steps unrolled on its own features (ttt.py)
   ttt_weights: tuple = ()  # loss weight per step; () = 0.8^(k-1) (EAGLE-3)
+  token_loss: str = "full"  # hot-vocabulary drafts: "full" | "hot" vocabulary (token_terms)
 
   @property
   def step_weights(self) -> tuple[float, ...]:
@@ -143,30 +145,54 @@ def regression_weight(draft_cfg: DraftConfig, loss_cfg: LossConfig) -> float:
   return loss_cfg.w_reg if draft_cfg.regresses_feature else 0.0
 
 
-def token_terms(draft: Draft, target: Transformer, predict: Array, tgt: TargetOutputs,
-                hot_ids=None) -> tuple[Array, Array, Array, Array]:
-  """The draft's token loss pieces: (soft cross-entropy [batch, seq], top-1 hit [batch, seq],
-  weights [batch, seq], top-3 target ids [batch, seq, 3]).
+TOKEN_LOSSES = ("full", "hot")  # LossConfig.token_loss / config key train.token_loss
 
-  Drafts on the target's LM head: against softmax(LMhead(f(j+1))) over the full vocabulary.
-  An own-head draft ('eagle3') with a hot vocabulary (hot_ids [N]): as EAGLE-3 trains it, the
-  target's distribution restricted to the hot ids and renormalized, counted only where the
-  target's argmax is hot."""
-  if not draft.cfg.own_head:
+
+def hot_mask(hot_ids, vocab_size: int) -> Array:
+  """EAGLE-3's t2d: [vocab] bool, True at the hot ids."""
+  return jnp.zeros((vocab_size,), bool).at[jnp.asarray(hot_ids, jnp.int32)].set(True)
+
+
+def token_terms(draft: Draft, target: Transformer, predict: Array, tgt: TargetOutputs,
+                hot_ids=None, token_loss: str = "full"
+                ) -> tuple[Array, Array, Array, Array]:
+  """The draft's token loss pieces: (soft cross-entropy [batch, seq], top-1 hit [batch, seq],
+  weights of the cross-entropy [batch, seq], top-3 target ids [batch, seq, 3]).
+
+  Top-1/top-3 are what decoding proposes: over the hot ids (hot_ids [N], mapped back to
+  target ids) when the draft has a hot vocabulary, else over the full one. The
+  cross-entropy (`token_loss`):
+    * "full": the draft's softmax over the full vocabulary against softmax(LMhead(f(j+1)))
+      at every trained position (a draft on the target's LM head; with a hot vocabulary
+      this is the loss of training as if it had none);
+    * "hot" (EAGLE-3's d2t/t2d recipe): the draft's softmax over the N hot logits only
+      against the target's distribution restricted to the hot ids and renormalized, at the
+      positions whose target argmax is hot (the others have no hot label to learn).
+  An own-head draft ('eagle3') has logits over its head's vocabulary only: with a hot
+  vocabulary it always trains the "hot" way (EAGLE-3), whatever token_loss says."""
+  ids = None if hot_ids is None else jnp.asarray(hot_ids, jnp.int32)  # [N]
+  if draft.cfg.own_head:
+    logits = draft.logits(predict)  # [batch, seq, N or vocab]
+    hot_loss = ids is not None
+  elif ids is None:
     logits = draft_logits(target, predict)  # [batch, seq, vocab]
-    probs, weights, ids = tgt.next_probs, tgt.weights, None
+    hot_loss = False
   else:
-    logits = draft.logits(predict)  # [batch, seq, N]
-    if hot_ids is None:
-      probs, weights, ids = tgt.next_probs, tgt.weights, None
-    else:
-      ids = jnp.asarray(hot_ids, jnp.int32)
-      probs = jnp.take(tgt.next_probs, ids, axis=-1)  # [batch, seq, N]
-      probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-30)
-      weights = tgt.weights * jnp.isin(tgt.next_token, ids).astype(jnp.float32)
+    # The decoder's hot head: the target's LM head rows of the hot ids (hot_vocab.py).
+    hot = hot_logits(make_draft_vocab(target, ids), predict, target.cfg.dtype)  # [b, s, N]
+    hot_loss = token_loss == "hot"
+    logits = hot if hot_loss else draft_logits(target, predict)
+  if hot_loss:
+    probs = jnp.take(tgt.next_probs, ids, axis=-1)  # [batch, seq, N]
+    probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-30)
+    argmax_hot = jnp.take(hot_mask(ids, tgt.next_probs.shape[-1]), tgt.next_token)
+    weights = tgt.weights * argmax_hot.astype(jnp.float32)
+  else:
+    probs, weights = tgt.next_probs, tgt.weights
   logp = jax.nn.log_softmax(logits, axis=-1)
   cls = -jnp.sum(probs * logp, axis=-1)  # [batch, seq]
-  top3 = jax.lax.top_k(logits, 3)[1]  # [batch, seq, 3]
+  proposals = logits if ids is None or draft.cfg.own_head or hot_loss else hot
+  top3 = jax.lax.top_k(proposals, 3)[1]  # [batch, seq, 3]
   top3 = top3 if ids is None else jnp.take(ids, top3)  # target ids
   top1 = (top3[..., 0] == tgt.next_token).astype(jnp.float32)
   return cls, top1, weights, top3
@@ -191,7 +217,7 @@ def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_
   sum_k weight_k * (w_reg * reg_k + w_cls * cls_k) / N: per-step sums over trained positions
   with an anchor >= 0, all divided by step 1's count N of trained positions. Sums: step 1
   under reg_sum, cls_sum, top1_sum, weight; step k >= 2 under the same names + _step{k}.
-  hot_ids: an own-head draft's hot vocabulary (token_terms)."""
+  hot_ids: the draft's hot vocabulary [N], or None (token_terms, loss_cfg.token_loss)."""
   input_ids, loss_mask, lengths = batch["input_ids"], batch["loss_mask"], batch["length"]
   tgt = target_outputs(target, input_ids, loss_mask, lengths, draft.cfg.feature_layers)
   seq = input_ids.shape[1]
@@ -209,7 +235,8 @@ def draft_loss(draft: Draft, target: Transformer, batch: dict, rng: Array, loss_
     w = tgt.weights * anchored  # [batch, seq]
     reg = jnp.mean(smooth_l1(step.regress.astype(jnp.float32), next_feats,
                              loss_cfg.smooth_l1_beta), axis=-1)  # [batch, seq]
-    cls, top1, w_tok, _ = token_terms(draft, target, step.predict, tgt, hot_ids)
+    cls, top1, w_tok, _ = token_terms(draft, target, step.predict, tgt, hot_ids,
+                                      loss_cfg.token_loss)
     suffix = "" if k == 1 else f"_step{k}"
     step_sums = {"reg_sum": jnp.sum(reg * w), "cls_sum": jnp.sum(cls * w_tok * anchored),
                  "top1_sum": jnp.sum(top1 * w), "weight": jnp.sum(w)}
@@ -241,7 +268,7 @@ class TrainSetup:
   loss_cfg: LossConfig
   grad_accum: int
   seed: int = 0
-  hot_ids: Any = None  # [N] int32: the hot vocabulary an own-head ('eagle3') draft trains on
+  hot_ids: Any = None  # [N] int32: the draft's hot vocabulary (draft.vocab_size > 0), or None
 
   def batch_sharding(self, ndim: int, micro: bool = False) -> NamedSharding:
     """Batch dim over (data, fsdp); a leading micro-batch axis stays unsharded."""
@@ -382,7 +409,8 @@ def make_agreement_fn(setup: TrainSetup, depths: int = 5, eval_loss: bool = True
       slots = ((k - 1) * seq + positions).astype(jnp.int32)
       x = draft.fuse_inputs(feats, embeddings)
       predict, regress, cache = draft.layer(x, cache, AttentionInputs(cos, sin, mask, slots))
-      cls, hit1, w_tok, top3 = token_terms(draft, target, predict, tgt, setup.hot_ids)
+      cls, hit1, w_tok, top3 = token_terms(draft, target, predict, tgt, setup.hot_ids,
+                                           loss_cfg.token_loss)
       valid = tgt.weights * ((j - k + 1) >= 0)[None].astype(jnp.float32)
       hit3 = jnp.any(top3 == tgt.next_token[..., None], axis=-1).astype(jnp.float32)
       out[f"top1_depth{k}"] = jnp.sum(hit1 * valid)

@@ -101,6 +101,7 @@ _NUMERIC_KEYS = (
 # Keys with a fixed set of values.
 _CHOICE_KEYS = {"train.decay": ("linear", "cosine", "constant"),
                 "train.clip": ("value", "global_norm", "none"),
+                "train.token_loss": train_lib.TOKEN_LOSSES,
                 "draft.dtype": ("float32", "bfloat16"),
                 "target.dtype": ("float32", "bfloat16")}
 
@@ -187,7 +188,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"mesh's data x fsdp = {data_ways} devices")
   ttt.step_weights(t.get("ttt_steps", 1), t.get("ttt_weights", ()))  # one-line ConfigError
   target_cfg = load_hf_config(config.target.path)
-  hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
+  hot = hot_vocab.check_hot_vocab_size(config.draft.get("vocab_size", 0), target_cfg.vocab_size)
+  if t.get("token_loss", "full") == "hot" and not hot:
+    raise ConfigError("config key train.token_loss='hot' needs a hot vocabulary "
+                      "(draft.vocab_size > 0); with the full vocabulary use 'full'")
   draft_config(config, target_cfg)  # shape overrides, feature layers, own-head vocabulary
   check_checkpoint(config.target.path, target_cfg)  # tensors vs config.json, headers only
 
@@ -342,7 +346,8 @@ def build_setup(config, target: Target) -> train_lib.TrainSetup:
       optimizer=optimizer, learning_rate=schedule,
       loss_cfg=train_lib.LossConfig(w_reg=t.w_reg, w_cls=t.w_cls, noise=t.noise,
                                     ttt_steps=t.get("ttt_steps", 1),
-                                    ttt_weights=tuple(t.get("ttt_weights", ()))),
+                                    ttt_weights=tuple(t.get("ttt_weights", ())),
+                                    token_loss=t.get("token_loss", "full")),
       grad_accum=t.grad_accum, seed=t.seed)
 
 
@@ -465,7 +470,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> d
   if latest is not None:
     check_prepared(saved_meta, prepared, config, f"{ckpt.directory} (step {latest})")
   fingerprints["prepared"] = prepared_id(prepared)
-  setup.hot_ids = hot_vocabulary(setup, prepared, workdir)  # an own-head draft trains on it
+  setup.hot_ids = hot_vocabulary(setup, prepared, workdir)  # token_terms' hot vocabulary
   seq = config.data.max_len
   micro = t.global_batch // t.grad_accum
 
@@ -579,10 +584,15 @@ def _warn_on_changed_schedule(saved: dict, current) -> None:
 
 
 def _warn_on_changed_loss(saved: dict, loss_cfg: train_lib.LossConfig) -> None:
-  """Training-time-test settings change only the loss: a resumed run continues under the
-  new ones (a checkpoint saved before they existed was trained with 1 step)."""
+  """Training-time-test and token-loss settings change only the loss: a resumed run
+  continues under the new ones (a checkpoint saved before they existed was trained with 1
+  step over the full vocabulary)."""
   before = (saved.get("ttt_steps", 1), tuple(saved.get("ttt_weights", ())))
   now = (loss_cfg.ttt_steps, tuple(loss_cfg.ttt_weights))
   if before != now:
     logger.warning("resuming with changed train.ttt_steps/ttt_weights %s -> %s: training "
                    "continues with the new unrolled loss", before, now)
+  if saved.get("token_loss", "full") != loss_cfg.token_loss:
+    logger.warning("resuming with changed train.token_loss %r -> %r: training continues "
+                   "with the new token loss", saved.get("token_loss", "full"),
+                   loss_cfg.token_loss)

@@ -1,6 +1,7 @@
 """Hot-vocabulary drafting: selection, storage, one-line refusals, EAGLE-3 `d2t` export and
 import, and a train.py run with draft.vocab_size whose decoding equals vanilla."""
 
+import dataclasses
 import json
 import os
 import types
@@ -101,9 +102,10 @@ def test_bad_d2t_is_refused(tmp_path):
 
 
 def test_train_with_hot_vocabulary_then_decode(tmp_path):
-  """train.py's library with draft.vocab_size: the ids are the data's most frequent assistant
-  tokens, stored in the workdir; decoding with them equals vanilla (greedy); a size larger
-  than the vocabulary is refused in one line before anything loads."""
+  """train.py's library with draft.vocab_size and the hot token loss: the ids are the data's
+  most frequent assistant tokens, stored in the workdir; decoding with them equals vanilla
+  (greedy); a size larger than the vocabulary, a bad train.token_loss and "hot" without a hot
+  vocabulary are refused in one line before anything loads."""
   from fspad_jax import trainer
   from fspad_jax.decode_lib import run_decode
   target = make_tiny_checkpoint(str(tmp_path / "model"))
@@ -117,6 +119,14 @@ def test_train_with_hot_vocabulary_then_decode(tmp_path):
   config.draft.vocab_size = 10 ** 6
   with pytest.raises(ConfigError, match="draft.vocab_size=1000000"):
     trainer.train(config, str(tmp_path / "bad"), progress=False)
+  config.train.token_loss = "hot"  # EAGLE-3's hot loss; "full" without a hot vocabulary
+  config.draft.vocab_size = 0
+  with pytest.raises(ConfigError, match=r"^config key train.token_loss='hot' needs"):
+    trainer.train(config, str(tmp_path / "bad"), progress=False)
+  config.train.token_loss = "hott"
+  with pytest.raises(ConfigError, match=r"^config key train.token_loss='hott': expected one"):
+    trainer.train(config, str(tmp_path / "bad"), progress=False)
+  config.train.token_loss = "hot"
   config.draft.vocab_size = 128
   workdir = str(tmp_path / "work")
   trainer.train(config, workdir, progress=False)
@@ -146,3 +156,68 @@ def test_train_with_hot_vocabulary_then_decode(tmp_path):
     with open(out) as f:
       results[method] = {r["id"]: r["output_ids"] for r in map(json.loads, f)}
   assert results["fspad"] == results["vanilla"]
+
+
+# ----------------------------------------------------------------------- the hot token loss
+
+
+def test_hot_token_loss_matches_plain_reference():
+  """train.token_loss="hot" (EAGLE-3's recipe) == a numpy reference: the draft's softmax over
+  the target LM head's hot rows against the target's next-token distribution restricted to the
+  hot ids and renormalized, summed where the target's argmax is hot; "full" keeps the softmax
+  over the whole vocabulary at every trained position. Top-1 is the hot argmax either way
+  (what decoding proposes), as target ids."""
+  import jax
+  import jax.numpy as jnp
+  from fspad_jax import train_lib, ttt
+  from fspad_jax.model import init_model
+  cfg = tiny_config(vocab_size=128, hidden_size=32, intermediate_size=64)
+  target = init_model(cfg, seed=3)
+  draft = init_draft(draft_config_from_target(cfg, "fspad", hot_vocab_size=24), seed=4)
+  rs = np.random.RandomState(0)
+  rows, seq = 3, 10
+  ids = rs.randint(0, cfg.vocab_size, (rows, seq)).astype(np.int32)
+  batch = {"input_ids": jnp.asarray(ids), "loss_mask": jnp.ones((rows, seq), jnp.int32),
+           "length": jnp.asarray([seq, seq - 2, seq], jnp.int32)}
+  tgt = train_lib.target_outputs(target, batch["input_ids"], batch["loss_mask"],
+                                 batch["length"])
+  argmax = np.asarray(tgt.next_token)
+  # Hot ids: the target's argmax at every other position, plus random others (so both
+  # hot-argmax and cold-argmax positions occur), 24 in all.
+  hot = set(argmax.reshape(-1)[::2].tolist())
+  hot |= set(rs.permutation(cfg.vocab_size)[:24].tolist())
+  hot = np.sort(np.asarray(sorted(hot)[:24], np.int32))
+  assert len(hot) == 24
+  is_hot = np.isin(argmax, hot)
+  weights = np.asarray(tgt.weights, np.float64)
+  assert 0 < (is_hot * weights).sum() < weights.sum()
+
+  loss_cfg = train_lib.LossConfig(noise=0.0, w_reg=0.0, w_cls=1.0, token_loss="hot")
+  loss_fn = lambda c: jax.jit(lambda b: train_lib.draft_loss(draft, target, b,
+                                                             jax.random.key(0), c, hot))(batch)
+  loss, sums = loss_fn(loss_cfg)
+  # Reference: step 1 is the teacher-forced draft pass on the true features.
+  steps = ttt.unrolled_forward(
+      draft, tgt.features, train_lib.shifted_embeddings(target, batch["input_ids"]), 1)
+  predict = np.asarray(steps[0].predict, np.float64)  # [rows, seq, embed]
+  head = np.asarray(target.logits(jnp.eye(cfg.hidden_size)), np.float64)  # [embed, vocab]
+  probs = np.asarray(tgt.next_probs, np.float64)
+
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+  hot_logits = predict @ head[:, hot]  # [rows, seq, 24]
+  p_hot = probs[..., hot] / probs[..., hot].sum(-1, keepdims=True)
+  ce_hot = -(p_hot * log_softmax(hot_logits)).sum(-1)
+  ce_full = -(probs * log_softmax(predict @ head)).sum(-1)
+  top1 = hot[hot_logits.argmax(-1)] == argmax
+  np.testing.assert_allclose(float(sums["cls_sum"]), (ce_hot * weights * is_hot).sum(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(loss), (ce_hot * weights * is_hot).sum() / weights.sum(),
+                             rtol=1e-5)
+  assert float(sums["top1_sum"]) == (top1 * weights).sum()
+  _, sums_full = loss_fn(dataclasses.replace(loss_cfg, token_loss="full"))
+  np.testing.assert_allclose(float(sums_full["cls_sum"]), (ce_full * weights).sum(), rtol=1e-5)
+  assert float(sums_full["top1_sum"]) == (top1 * weights).sum()  # decoding's hot top-1
+  assert abs(float(sums_full["cls_sum"]) - float(sums["cls_sum"])) > 1.0  # they differ
