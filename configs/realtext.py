@@ -189,7 +189,8 @@ def _eval(mtbench: int, sharegpt: int, max_prompt: int, max_new: int, batch: int
 def _table(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   """The `,table` option (issues 9 and 10): eagle and fspad, the EAGLE-3-style reference,
   fspad with each of EAGLE-3's three changes alone, fspad3 with all three, and fspad with
-  a 25% hot vocabulary in float32 and int8 weights; same data budget, steps and seeds for
+  a 25% hot vocabulary (token loss over the full vocabulary or the hot ids; float32 and
+  int8 weights); same data budget, steps and seeds for
   every row; decoded on held-out MT-bench (both turns) at T=0 and T=1."""
   from fspad_jax.draft import eagle3_feature_layers  # pylint: disable=import-outside-toplevel
   hot = c.tokenizer.vocab_size // 4
@@ -206,6 +207,8 @@ def _table(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
       # FSPAD with all three (kind fspad3 = fspad on EAGLE-3's low/mid/high layers).
       "fspad3": {"kind": "fspad3", "data": "regen", "train": ttt},
       "fspad_hot": {"kind": "fspad", "vocab_size": hot},  # token loss over the full vocab
+      "fspad_hot_loss": {"kind": "fspad", "vocab_size": hot,  # ... or over the hot ids
+                         "train": {"token_loss": "hot"}},
       "fspad_hot_int8": {"draft_of": "fspad_hot", "weight_dtype": "int8"},
   }
   c.eval.datasets = ("mtbench",)
