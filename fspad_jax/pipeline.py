@@ -445,13 +445,6 @@ def run_regen(ctx: Context, pretrain_hash: str) -> dict:
   return ctx.run_unit(unit, work)
 
 
-def draft_data_source(config, kind: str) -> str:
-  """What the `kind` row's draft trains on: "sharegpt" (the train split) or "regen" (the
-  regen stage's output): drafts.data, or "regen" for a kind listed in drafts.regen_kinds;
-  a variant row's own `data` key wins (draft_rows)."""
-  return draft_row(config, kind).data
-
-
 # Keys of one drafts.variants entry (configs/realtext.py documents them).
 VARIANT_KEYS = ("kind", "data", "feature_layers", "vocab_size", "train", "weight_dtype",
                 "draft_of")

@@ -54,6 +54,12 @@ def pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+def pad_pow2(items: list) -> list:
+  """`items` padded to a power-of-two length by repeating its first element (padding rows
+  that are computed and never taken: fewer compiled shapes)."""
+  return list(items) + [items[0]] * (pow2(len(items)) - len(items))
+
+
 # ---------------------------------------------------------------- refills on device
 
 
@@ -203,7 +209,7 @@ class SlotDecoder(CompiledOnDemand):
     """The results of the given rows only, by index into [out rows..., slots...] (slot i is
     row len(out) + i): one jitted gather, one transfer; each as _finish gives it."""
     n = len(rows)
-    padded = list(rows) + [rows[0]] * (pow2(n) - n)
+    padded = pad_pow2(rows)
 
     def make():
       def fn(out, state, idx):

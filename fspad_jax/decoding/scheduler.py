@@ -27,7 +27,7 @@ import numpy as np
 
 from fspad_jax.decoding.engine import Completion, DecodeEngine, bucket_length
 from fspad_jax.generate import FINISH_REASONS
-from fspad_jax.slots import pow2
+from fspad_jax.slots import pad_pow2, pow2
 
 # Vanilla steps per host visit (speculative: a sixteenth, each step adding up to depth + 1
 # slots). Refills happen on device, so the budget only bounds how long a finished row waits
@@ -97,7 +97,7 @@ class ContinuousScheduler:
       state = dec.grow(state, need)
     cache_len = state_cache_len(state)
     padded = min(bucket_length(max(lens), self.engine.settings.min_prompt_bucket), cache_len)
-    rows = items + [items[0]] * (pow2(len(items)) - len(items))  # padding: never taken
+    rows = pad_pow2(items)
     prompt = np.zeros((len(rows), padded), np.int32)  # [rows, padded], right-padded
     for r, item in enumerate(rows):
       prompt[r, :len(item.prompt)] = item.prompt
