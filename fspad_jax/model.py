@@ -248,9 +248,15 @@ class Attention(nnx.Module):
     scores = jnp.einsum("bskgh,bkth->bkgst", qg, keys.astype(q.dtype),
                         preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
     scores = jnp.where(att.mask[:, None, None], scores, -1e30)  # [b, kvh, g, seq, keys]
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgst,bkth->bskgh", probs, values.astype(x.dtype))
-    out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    # Softmax with the normalization deferred to the output (as flash attention does): the
+    # unnormalized weights keep the queries-major layout the second matmul reads, so the
+    # values need no transposed copy and the weights no normalized copy.
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # [b, kvh, g, s, keys]
+    denom = jnp.sum(weights, axis=-1)  # [batch, kv_heads, groups, seq]
+    out = jnp.einsum("bkgst,bkth->bkgsh", weights.astype(x.dtype), values.astype(x.dtype),
+                     preferred_element_type=jnp.float32)  # [b, kvh, g, seq, head_dim]
+    out = (out / denom[..., None]).astype(x.dtype)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
     out = jnp.einsum("bshk,hkd->bsd", out, kernel(self, "o_kernel", x.dtype))
     if cfg.o_bias:
       out = out + self.o_bias[...]
