@@ -314,14 +314,14 @@ def rerank(buffers: TreeBuffers, total_tokens: int, monotone: bool = False) -> T
   parents = prepend(-1, draft_parents)  # [batch, T]
   depths = prepend(0, gather(buffers.depths))  # [batch, T]
 
-  # Ancestor mask: walk up D+1 times from every node.
+  # Ancestor mask: the reflexive-transitive closure of "is the parent of", by squaring.
+  # Reach within 2^i steps after i squarings; paths are at most D long. 0/1 products are exact.
   node_range = jnp.arange(num_nodes, dtype=jnp.int32)  # [T]
-  cursor = jnp.broadcast_to(node_range, (batch, num_nodes))  # [batch, T]
-  ancestor_mask = jnp.zeros((batch, num_nodes, num_nodes), bool)  # [batch, T, T]
-  for _ in range(depth + 1):
-    ancestor_mask |= (cursor[:, :, None] == node_range) & (cursor[:, :, None] >= 0)
-    cursor = jnp.where(cursor >= 0, jnp.take_along_axis(parents, jnp.maximum(cursor, 0), axis=1),
-                       -1)
+  reach = ((parents[:, :, None] == node_range) | (node_range[:, None] == node_range)
+           ).astype(jnp.float32)  # [batch, T(node), T(ancestor)]: itself or its parent
+  for _ in range(max(depth - 1, 0).bit_length()):
+    reach = (jnp.einsum("bij,bjk->bik", reach, reach) > 0).astype(jnp.float32)
+  ancestor_mask = reach > 0  # [batch, T, T]
 
   # Children in node order: the r-th child of p is the node j with parents[j] == p and rank r.
   is_child = parents[:, None, :] == node_range[:, None]  # [batch, T(parent), T(child)]
