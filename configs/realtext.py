@@ -5,6 +5,8 @@
   python -m fspad_jax.pipeline --config=configs/realtext.py:mini --workdir=runs/mini
   python -m fspad_jax.pipeline --config=configs/realtext.py:mini,table --workdir=runs/mini
       # the drafts table (_table: eagle3, fspad3, fspad + each change, hot vocabulary)
+  python -m fspad_jax.pipeline --config=configs/realtext.py:mini,table_t1 --workdir=runs/mini_t1
+      # its follow-up (_table_t1): data regenerated at T=1, fusion fc started at the identity
   python -m fspad_jax.pipeline --config=configs/realtext.py:small --workdir=runs/small \
       --max_minutes=9                 # on one H100; rerun the same command to resume
 
@@ -214,13 +216,36 @@ def _table(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   c.eval.datasets = ("mtbench",)
 
 
+def _table_t1(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
+  """The `,table_t1` option: the drafts table's follow-up on its two findings. The regen
+  stage samples at T=1 (regen.temperature; the table's greedy answers lowered every T=1
+  row), and the multi-layer rows start their fusion fc at the identity on the final
+  feature (train.fusion_init="last"; random, it cost 0.57 tau). Rows: fspad and the
+  eagle3 reference (on this regenerated data), fspad on it, fspad with identity-started
+  layers, and fspad3 (all three) with either fusion start."""
+  ttt = {"ttt_steps": ttt_steps}
+  c.regen.temperature = 1.0
+  c.drafts.kinds = ("fspad",)
+  c.drafts.variants = {
+      "eagle3": {"kind": "eagle3", "data": "regen", "vocab_size": c.tokenizer.vocab_size // 4,
+                 "train": ttt},
+      "fspad_regen": {"kind": "fspad", "data": "regen"},
+      "fspad_layers_last": {"kind": "fspad3", "train": {"fusion_init": "last"}},
+      "fspad3": {"kind": "fspad3", "data": "regen", "train": ttt},
+      "fspad3_last": {"kind": "fspad3", "data": "regen",
+                      "train": {**ttt, "fusion_init": "last"}},
+  }
+  c.eval.datasets = ("mtbench",)
+
+
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
-  """`preset` is a PRESETS name, optionally with ",table" (the drafts table of _table),
-  e.g. configs/realtext.py:mini,table."""
+  """`preset` is a PRESETS name, optionally with ",table" (the drafts table of _table) or
+  ",table_t1" (its follow-up, _table_t1), e.g. configs/realtext.py:mini,table."""
   preset, _, option = preset.partition(",")
-  if preset not in PRESETS or option not in ("", "table"):
+  if preset not in PRESETS or option not in ("", "table", "table_t1"):
     raise ValueError(f"unknown preset {preset!r}{', option ' + repr(option) if option else ''}"
-                     f": expected one of {', '.join(PRESETS)}, optionally with ',table'")
+                     f": expected one of {', '.join(PRESETS)}, optionally with ',table' or "
+                     "',table_t1'")
   c = ml_collections.ConfigDict()
   c.preset = preset + ("," + option if option else "")
   c.mesh = ml_collections.ConfigDict({"shape": (1, 1, -1)})
@@ -261,4 +286,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.eval = _eval(24, 24, 768, 128, 8, depth=6, top_k=10, total=60, min_prompt_bucket=768)
   if option == "table":
     _table(c)
+  elif option == "table_t1":
+    _table_t1(c)
   return c

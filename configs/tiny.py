@@ -112,6 +112,9 @@ def train_config() -> ml_collections.ConfigDict:
   # Hot-vocabulary drafts (draft.vocab_size > 0): the token loss over the full vocabulary
   # ("full") or over the hot ids against the target's renormalized hot distribution ("hot").
   c.token_loss = "full"
+  # Multi-layer drafts (more than one draft.feature_layers): the fusion fc starts "random"
+  # (EAGLE-3's) or "last" (the identity on the deepest layer: the single-layer draft's input).
+  c.fusion_init = "random"
   c.seed = 0
   c.depths = 5  # agreement measured at draft depths 1..depths
   c.log_every = 20

@@ -40,7 +40,7 @@ from fspad_jax.config import ConfigError, ModelConfig
 from fspad_jax.draft import Draft, DraftConfig, abstract_draft, draft_logits, init_draft
 from fspad_jax.hf_checkpoint import param_shardings
 from fspad_jax.hot_vocab import hot_logits, make_draft_vocab
-from fspad_jax.model import AttentionInputs, KVCache, Transformer, rope_tables
+from fspad_jax.model import AttentionInputs, KVCache, Transformer, resolve_feature_layers, rope_tables
 from fspad_jax.sharding import ShardingRules, replicated
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,11 @@ def regression_weight(draft_cfg: DraftConfig, loss_cfg: LossConfig) -> float:
 
 
 TOKEN_LOSSES = ("full", "hot")  # LossConfig.token_loss / config key train.token_loss
+# Config key train.fusion_init: how a multi-layer draft's fusion fc (k*d -> d) starts.
+# "random": N(0, 0.02) like every kernel (EAGLE-3's); "last": the identity on the deepest
+# tapped layer and zeros elsewhere, so the draft starts reading exactly the feature a
+# single-layer draft reads and training adds the other layers only where they help.
+FUSION_INITS = ("random", "last")
 
 
 def hot_mask(hot_ids, vocab_size: int) -> Array:
@@ -269,6 +274,7 @@ class TrainSetup:
   grad_accum: int
   seed: int = 0
   hot_ids: Any = None  # [N] int32: the draft's hot vocabulary (draft.vocab_size > 0), or None
+  fusion_init: str = "random"  # one of FUSION_INITS (multi-layer drafts only)
 
   def batch_sharding(self, ndim: int, micro: bool = False) -> NamedSharding:
     """Batch dim over (data, fsdp); a leading micro-batch axis stays unsharded."""
@@ -293,12 +299,25 @@ def _cast(tree, dtype):
                       tree)
 
 
+def init_fusion_last(draft: Draft, layers: tuple[int, ...]) -> None:
+  """train.fusion_init="last": the fusion fc becomes the identity on the deepest of the
+  resolved feature `layers` and zero on the others (in place)."""
+  k, d = draft.feature_fc.kernel.shape[:2]
+  deepest = int(np.argmax(layers))
+  value = jnp.zeros((k, d, d), draft.feature_fc.kernel.dtype)  # [k, embed, embed]
+  draft.feature_fc.kernel[...] = value.at[deepest].set(jnp.eye(d, dtype=value.dtype))
+
+
 def init_train_state(setup: TrainSetup, seed: int) -> TrainState:
   """Random float32 draft params and optimizer state, created directly in their shardings."""
   master_cfg = setup.draft_cfg.replace(dtype="float32")
 
   def init():
-    params = nnx.to_pure_dict(nnx.state(init_draft(master_cfg, seed)))
+    draft = init_draft(master_cfg, seed)
+    if setup.fusion_init == "last" and master_cfg.num_features > 1:
+      init_fusion_last(draft, resolve_feature_layers(master_cfg.feature_layers,
+                                                     setup.target_cfg.num_layers))
+    params = nnx.to_pure_dict(nnx.state(draft))
     return TrainState(params, setup.optimizer.init(params), jnp.zeros((), jnp.int32))
 
   abstract = jax.eval_shape(init)

@@ -102,6 +102,7 @@ _NUMERIC_KEYS = (
 _CHOICE_KEYS = {"train.decay": ("linear", "cosine", "constant"),
                 "train.clip": ("value", "global_norm", "none"),
                 "train.token_loss": train_lib.TOKEN_LOSSES,
+                "train.fusion_init": train_lib.FUSION_INITS,
                 "draft.dtype": ("float32", "bfloat16"),
                 "target.dtype": ("float32", "bfloat16")}
 
@@ -348,7 +349,7 @@ def build_setup(config, target: Target) -> train_lib.TrainSetup:
                                     ttt_steps=t.get("ttt_steps", 1),
                                     ttt_weights=tuple(t.get("ttt_weights", ())),
                                     token_loss=t.get("token_loss", "full")),
-      grad_accum=t.grad_accum, seed=t.seed)
+      grad_accum=t.grad_accum, seed=t.seed, fusion_init=t.get("fusion_init", "random"))
 
 
 def prepare_data(config, workdir: str) -> str:

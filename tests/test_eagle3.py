@@ -238,6 +238,43 @@ def test_new_kinds_train(target, kind, mesh):
   assert 0.0 <= rates["top1_depth2"] <= rates["top3_depth2"] <= 1.0
 
 
+def test_fusion_init_last_starts_as_the_single_layer_draft(target, mesh):
+  """train.fusion_init="last": the fusion fc starts as the identity on the deepest tapped
+  layer (here the final feature) and zero elsewhere, so fspad3's initial loss equals a
+  single-layer fspad draft's with the same other weights."""
+  cfg, tg, tp = target
+  optimizer, schedule = train_lib.make_optimizer(train_lib.OptimConfig(
+      learning_rate=1e-2, warmup_steps=1, total_steps=2))
+
+  def setup_for(dcfg, fusion_init):
+    return train_lib.TrainSetup(cfg, tg, tp, dcfg, nnx.split(abstract_draft(dcfg))[0], mesh,
+                                ShardingRules(), optimizer, schedule,
+                                train_lib.LossConfig(noise=0.0), grad_accum=1,
+                                fusion_init=fusion_init)
+
+  multi = draft_config_from_target(cfg, "fspad3", feature_layers=(1, -1, 2))
+  single = draft_config_from_target(cfg, "fspad")
+  params = train_lib.init_train_state(setup_for(multi, "last"), seed=0).params
+  kernel = np.asarray(params["feature_fc"]["kernel"])  # [3, embed, embed]
+  np.testing.assert_array_equal(kernel[1], np.eye(cfg.hidden_size))
+  assert not kernel[0].any() and not kernel[2].any()
+  random_kernel = train_lib.init_train_state(setup_for(multi, "random"), 0).params
+  assert np.asarray(random_kernel["feature_fc"]["kernel"])[0].any()  # the default: EAGLE-3's
+
+  data = np.random.RandomState(5).randint(0, 16, (4, 16)).astype(np.int32)
+  batch = {"input_ids": data, "loss_mask": np.ones_like(data),
+           "length": np.full((4,), 16, np.int32)}
+  target_model = nnx.merge(tg, tp)
+  losses = []
+  for dcfg, p in ((multi, params), (single, {k: v for k, v in params.items()
+                                             if k != "feature_fc"})):
+    draft = nnx.merge(nnx.split(abstract_draft(dcfg))[0], p)
+    loss, sums = train_lib.draft_loss(draft, target_model, batch, jax.random.key(0),
+                                      train_lib.LossConfig(noise=0.0))
+    losses.append((float(loss), float(sums["reg_sum"]), float(sums["cls_sum"])))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
 # ------------------------------------------------------------------- EAGLE-3 checkpoint interop
 
 import reference_models  # noqa: E402  (torch; imported late so the JAX tests need none of it)
