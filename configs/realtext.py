@@ -220,9 +220,10 @@ def _table_t1(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   """The `,table_t1` option: the drafts table's follow-up on its two findings. The regen
   stage samples at T=1 (regen.temperature; the table's greedy answers lowered every T=1
   row), and the multi-layer rows start their fusion fc at the identity on the final
-  feature (train.fusion_init="last"; random, it cost 0.57 tau). Rows: fspad and the
-  eagle3 reference (on this regenerated data), fspad on it, fspad with identity-started
-  layers, and fspad3 (all three) with either fusion start."""
+  feature (train.fusion_init="last"; random, it cost 0.57 tau), also with that fc
+  learning 10x slower (train.fusion_lr_scale). Rows: fspad and the eagle3 reference (on
+  this regenerated data), fspad on it, fspad with identity-started layers, fspad3 (all
+  three) with each fusion start, and fspad with another seed (run-to-run noise)."""
   ttt = {"ttt_steps": ttt_steps}
   c.regen.temperature = 1.0
   c.drafts.kinds = ("fspad",)
@@ -234,6 +235,12 @@ def _table_t1(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
       "fspad3": {"kind": "fspad3", "data": "regen", "train": ttt},
       "fspad3_last": {"kind": "fspad3", "data": "regen",
                       "train": {**ttt, "fusion_init": "last"}},
+      # ... and with the fusion fc learning 10x slower (its Adam steps move every entry).
+      "fspad_layers_slow": {"kind": "fspad3",
+                            "train": {"fusion_init": "last", "fusion_lr_scale": 0.1}},
+      "fspad3_slow": {"kind": "fspad3", "data": "regen",
+                      "train": {**ttt, "fusion_init": "last", "fusion_lr_scale": 0.1}},
+      "fspad_seed1": {"kind": "fspad", "train": {"seed": 1}},  # the noise of one training
   }
   c.eval.datasets = ("mtbench",)
 

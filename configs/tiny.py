@@ -115,6 +115,7 @@ def train_config() -> ml_collections.ConfigDict:
   # Multi-layer drafts (more than one draft.feature_layers): the fusion fc starts "random"
   # (EAGLE-3's) or "last" (the identity on the deepest layer: the single-layer draft's input).
   c.fusion_init = "random"
+  c.fusion_lr_scale = 1.0  # the fusion fc's learning rate relative to train.learning_rate
   c.seed = 0
   c.depths = 5  # agreement measured at draft depths 1..depths
   c.log_every = 20

@@ -501,7 +501,8 @@ def draft_rows(config) -> list[DraftRow]:
                           f"some of {', '.join(KIND_METHOD)}")
     rows.append(DraftRow(name=kind, kind=kind, data=_data_source(config, kind)))
   train_keys = set(DRAFT_TRAIN_DEFAULTS) | set(config.drafts.train.keys()) | {
-      "ttt_steps", "ttt_weights", "token_loss", "fusion_init"}
+      "ttt_steps", "ttt_weights", "token_loss", "fusion_init",
+      "fusion_lr_scale"}
   variants = _plain(config.drafts.get("variants") or {})  # (a ConfigDict sorts its keys)
   # draft_of rows last, so that they may name any row that trains its own draft
   for name, v in sorted(variants.items(), key=lambda kv: bool((kv[1] or {}).get("draft_of"))):

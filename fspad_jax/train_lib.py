@@ -80,11 +80,23 @@ class OptimConfig:
   clip: str = "value"  # value (EAGLE: 0.5) | global_norm | none
   clip_value: float = 0.5
   grad_accum: int = 1
+  # Multi-layer drafts: the fusion fc's (`feature_fc`) updates times this (train.fusion_lr_scale).
+  fusion_lr_scale: float = 1.0
+
+
+def _scale_updates_of(module: str, scale: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the params under top-level key `module` by `scale`."""
+  def scale_fn(updates, params=None):
+    del params
+    return {k: jax.tree.map(lambda u: u * scale, v) if k == module else v
+            for k, v in updates.items()}
+  return optax.stateless(scale_fn)
 
 
 def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW(b1, b2) with linear warmup then decay, after clipping by value or global norm.
-  Returns (optimizer, learning-rate schedule)."""
+  """AdamW(b1, b2) with linear warmup then decay, after clipping by value or global norm;
+  the fusion fc's steps scaled by fusion_lr_scale. Returns (optimizer, learning-rate
+  schedule)."""
   warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
   rest = max(cfg.total_steps - cfg.warmup_steps, 1)
   decay = {"linear": optax.linear_schedule(cfg.learning_rate, 0.0, rest),
@@ -94,9 +106,10 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
   clip = {"value": optax.clip(cfg.clip_value),
           "global_norm": optax.clip_by_global_norm(cfg.clip_value),
           "none": optax.identity()}[cfg.clip]
-  optimizer = optax.chain(clip, optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
-                                            weight_decay=cfg.weight_decay))
-  return optimizer, schedule
+  parts = [clip, optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)]
+  if cfg.fusion_lr_scale != 1.0:  # (only then: the optimizer state keeps its structure)
+    parts.append(_scale_updates_of("feature_fc", cfg.fusion_lr_scale))
+  return optax.chain(*parts), schedule
 
 
 def smooth_l1(x: Array, y: Array, beta: float) -> Array:

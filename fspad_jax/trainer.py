@@ -79,6 +79,7 @@ _NUMERIC_KEYS = (
     ("train.weight_decay", False, 0, False, None, False),
     ("train.clip_value", False, 0, True, None, False),
     ("train.w_reg", False, 0, False, None, False),
+    ("train.fusion_lr_scale", False, 0, False, None, False),
     ("train.w_cls", False, 0, False, None, False),
     ("train.noise", False, 0, False, None, False),
     ("train.seed", True, 0, False, 2**32, True),
@@ -333,7 +334,8 @@ def _optim_config(t) -> train_lib.OptimConfig:
   return train_lib.OptimConfig(
       learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
       decay=t.decay, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, clip=t.clip,
-      clip_value=t.clip_value, grad_accum=t.grad_accum)
+      clip_value=t.clip_value, grad_accum=t.grad_accum,
+      fusion_lr_scale=t.get("fusion_lr_scale", 1.0))
 
 
 def build_setup(config, target: Target) -> train_lib.TrainSetup:

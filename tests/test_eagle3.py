@@ -275,6 +275,36 @@ def test_fusion_init_last_starts_as_the_single_layer_draft(target, mesh):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+def test_fusion_lr_scale_scales_only_the_fusion_fc(target, mesh):
+  """train.fusion_lr_scale: the fusion fc's steps are scaled (0 freezes it), every other
+  param trains as before."""
+  cfg, tg, tp = target
+  dcfg = draft_config_from_target(cfg, "fspad3", feature_layers=LAYERS3)
+  data = np.random.RandomState(3).randint(0, 16, (1, 4, 16)).astype(np.int32)
+  batch = {"input_ids": data, "loss_mask": np.ones_like(data),
+           "length": np.full((1, 4), 16, np.int32)}
+  moved = {}
+  for scale in (1.0, 0.5, 0.0):
+    optimizer, schedule = train_lib.make_optimizer(train_lib.OptimConfig(
+        learning_rate=1e-2, warmup_steps=0, decay="constant", fusion_lr_scale=scale))
+    setup = train_lib.TrainSetup(cfg, tg, tp, dcfg, nnx.split(abstract_draft(dcfg))[0], mesh,
+                                 ShardingRules(), optimizer, schedule,
+                                 train_lib.LossConfig(noise=0.0), grad_accum=1)
+    state = train_lib.init_train_state(setup, seed=0)
+    before = jax.device_get(state.params)
+    step = train_lib.make_train_step(setup, setup.state_shardings(state), 4, 16)
+    state, _ = step(state, tp, batch)
+    after = jax.device_get(state.params)
+    delta = lambda key: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                                     after[key], before[key])
+    moved[scale] = (delta("feature_fc")["kernel"], delta("layer"))
+  np.testing.assert_allclose(moved[0.5][0], 0.5 * moved[1.0][0], rtol=1e-4, atol=1e-9)
+  assert np.abs(moved[1.0][0]).max() > 1e-3 and not moved[0.0][0].any()
+  for scale in (0.5, 0.0):  # the rest of the draft takes the same first step
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 moved[scale][1], moved[1.0][1])
+
+
 # ------------------------------------------------------------------- EAGLE-3 checkpoint interop
 
 import reference_models  # noqa: E402  (torch; imported late so the JAX tests need none of it)

@@ -183,6 +183,7 @@ def test_a_tfds_failure_is_one_line_with_its_real_cause(assets, tmp_path, monkey
     ("data.max_len", 1, "data.max_len=1 must be >= 2"),
     ("data.val_fraction", 1.5, "data.val_fraction=1.5 must be >= 0 and < 1"),
     ("train.decay", "cosin", "train.decay='cosin': expected one of linear, cosine"),
+    ("train.fusion_lr_scale", -0.1, "train.fusion_lr_scale=-0.1 must be >= 0"),
     ("train.fusion_init", "eye", "train.fusion_init='eye': expected one of random, last"),
 ])
 def test_numeric_keys_are_checked_before_anything_loads(key, value, expected):
