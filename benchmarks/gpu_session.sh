@@ -24,6 +24,10 @@
 #       fspad with each change alone, a 25% hot vocabulary in bf16 and int8) in runs/small,
 #       sharing small's data, target and eagle/fspad units; PROJECTED ~25 min of device
 #       time (regen 8,000 x 256 plus 6 more drafts and their evals): rerun to resume
+#   bash benchmarks/gpu_session.sh SECONDS table_t1   # issue 10's follow-up, `small,table_t1`
+#       (_table_t1: regen at T=1, fusion fc started at the identity and 10x slower, a second
+#       fspad seed) in runs/small_t1, reusing runs/small's data, tokenizer and target;
+#       PROJECTED ~30 min of device time: rerun to resume
 #
 # Expects, prepared on a machine with package registries (the GPU image lacks them):
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
@@ -61,24 +65,31 @@ EOF
 } 2>&1 | tee -a "$OUT/env.txt"
 
 # --- issue 5: the `small` preset (resumable)
-if [ "$mode" = all ] || [ "$mode" = table ]; then
+if [ "$mode" = all ] || [ "$mode" = table ] || [ "$mode" = table_t1 ]; then
 preset=small; [ "$mode" = table ] && preset=small,table
 [ -f runs/small/tokenizer/.done ] || tar -xJf .carry/small_dt.tar.xz || exit 1
+workdir=runs/small
+if [ "$mode" = table_t1 ]; then
+  preset=small,table_t1 workdir=runs/small_t1
+  [ -f runs/small/target/.done ] || { echo "table_t1 needs runs/small's target"; exit 1; }
+  mkdir -p $workdir && for d in data tokenizer target; do
+    [ -e $workdir/$d ] || cp -r runs/small/$d $workdir/; done
+fi
 minutes=$(python3 -c "print(round(($(left) - 25) / 60, 2))")
 (
   # Identical computations (vanilla engines of every draft kind) compile once.
   export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-  python3 -m fspad_jax.pipeline --config=configs/realtext.py:$preset --workdir=runs/small \
+  python3 -m fspad_jax.pipeline --config=configs/realtext.py:$preset --workdir=$workdir \
     --max_minutes="$minutes" --no_progress
 ) 2>&1 | grep -v "Shuffling\|Generating \|^\s*$" | tee -a "$OUT/small.log"
 rc=${PIPESTATUS[0]}
-cp runs/small/results.md runs/small/results.json runs/small/*.png "$OUT/" 2>/dev/null
-(cd runs/small && find . -path ./data -prune -o -name checkpoints -prune -o -type f \
+cp $workdir/results.md $workdir/results.json $workdir/*.png "$OUT/" 2>/dev/null
+(cd $workdir && find . -path ./data -prune -o -name checkpoints -prune -o -type f \
   \( -name '.done' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) -print0 \
   | tar -czf "$OUT/small_meta.tar.gz" --null -T -)
 echo "pipeline exit $rc, $(left) s left"
 [ "$rc" = 0 ] || exit "$rc"
-[ "$mode" = table ] && exit 0
+[ "$mode" = table ] || [ "$mode" = table_t1 ] && exit 0
 fi
 
 # --- issues 2 and 4: Llama-3-8B shapes, random bf16 weights
