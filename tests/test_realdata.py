@@ -480,8 +480,10 @@ def test_draft_rows_refuse_bad_variants_in_one_line():
 
 
 def test_presets_load_and_build():
-  for name in ("demo", "mini", "small", "ci", "mini,table", "small,table"):
+  for name in ("demo", "mini", "small", "ci", "mini,table", "small,table", "mini,table_t1",
+               "small,table_t1"):
     c = pipeline.load_preset(name)
+    pipeline.draft_rows(c)  # every row's options are known keys
     assert c.pretrain.max_len == c.drafts.max_len  # prepared rows shared
     assert c.pretrain.val_fraction == c.drafts.val_fraction
     pretrain.PretrainOptions(**c.pretrain.to_dict())
