@@ -124,6 +124,10 @@ def train_config() -> ml_collections.ConfigDict:
   # Hot-vocabulary drafts (draft.vocab_size > 0): the token loss over the full vocabulary
   # ("full") or over the hot ids against the target's renormalized hot distribution ("hot").
   c.token_loss = "full"
+  # Multi-layer drafts: the fusion fc starts "random" (EAGLE-3) or "last" (identity on the
+  # deepest layer); fusion_lr_scale scales its learning rate (0.1 served FSPAD best on mini).
+  c.fusion_init = "random"
+  c.fusion_lr_scale = 1.0
   c.seed = 0
   c.depths = 5  # agreement measured at draft depths 1..5
   c.log_every = 100
