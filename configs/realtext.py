@@ -223,7 +223,8 @@ def _table_t1(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   feature (train.fusion_init="last"; random, it cost 0.57 tau), also with that fc
   learning 10x slower (train.fusion_lr_scale). Rows: fspad and the eagle3 reference (on
   this regenerated data), fspad on it, fspad with identity-started layers, fspad3 (all
-  three) with each fusion start, and fspad with another seed (run-to-run noise)."""
+  three) with each fusion start (and the slow one with a second seed, and frozen), and
+  fspad with another seed (run-to-run noise)."""
   ttt = {"ttt_steps": ttt_steps}
   c.regen.temperature = 1.0
   c.drafts.kinds = ("fspad",)
@@ -241,6 +242,12 @@ def _table_t1(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
       "fspad3_slow": {"kind": "fspad3", "data": "regen",
                       "train": {**ttt, "fusion_init": "last", "fusion_lr_scale": 0.1}},
       "fspad_seed1": {"kind": "fspad", "train": {"seed": 1}},  # the noise of one training
+      "fspad3_slow_seed1": {"kind": "fspad3", "data": "regen",
+                            "train": {**ttt, "fusion_init": "last", "fusion_lr_scale": 0.1,
+                                      "seed": 1}},
+      # fspad3 with its fusion frozen at the final feature: fspad + regen + TTT, no layers.
+      "fspad3_frozen": {"kind": "fspad3", "data": "regen",
+                        "train": {**ttt, "fusion_init": "last", "fusion_lr_scale": 0.0}},
   }
   c.eval.datasets = ("mtbench",)
 
