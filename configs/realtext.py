@@ -7,6 +7,8 @@
       # the drafts table (_table: eagle3, fspad3, fspad + each change, hot vocabulary)
   python -m fspad_jax.pipeline --config=configs/realtext.py:mini,table_t1 --workdir=runs/mini_t1
       # its follow-up (_table_t1): data regenerated at T=1, fusion fc started at the identity
+  python -m fspad_jax.pipeline --config=configs/realtext.py:mini,table_ttt --workdir=runs/mini
+      # training-time test alone (_table_ttt): eagle and fspad with ttt 1 / 3, two seeds
   python -m fspad_jax.pipeline --config=configs/realtext.py:small --workdir=runs/small \
       --max_minutes=9                 # on one H100; rerun the same command to resume
 
@@ -252,14 +254,37 @@ def _table_t1(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   c.eval.datasets = ("mtbench",)
 
 
+def _table_ttt(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
+  """The `,table_ttt` option (issue 10, item 2): training-time test alone, where it has
+  something to fix. EAGLE's draft reads the target's exact features in teacher-forced
+  training but its own at inference, so its agreement falls with depth; FSPAD's noised
+  features already train it for that. Rows: eagle and fspad with ttt_steps 1 and 3, eagle
+  with a second seed for each (run-to-run noise); same ShareGPT data, steps and seeds.
+  Agreement is measured on the whole validation split (eval_batches=0), not 2 batches."""
+  ttt = {"ttt_steps": ttt_steps}
+  c.drafts.kinds = ("eagle", "fspad")
+  c.drafts.train.eval_batches = 0
+  c.drafts.variants = {
+      "eagle_ttt": {"kind": "eagle", "train": ttt},
+      "fspad_ttt": {"kind": "fspad", "train": ttt},
+      "eagle_seed1": {"kind": "eagle", "train": {"seed": 1}},
+      "eagle_ttt_seed1": {"kind": "eagle", "train": {**ttt, "seed": 1}},
+  }
+  c.eval.datasets = ("mtbench",)
+
+
+TABLE_OPTIONS = {"table": _table, "table_t1": _table_t1, "table_ttt": _table_ttt}
+
+
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
-  """`preset` is a PRESETS name, optionally with ",table" (the drafts table of _table) or
-  ",table_t1" (its follow-up, _table_t1), e.g. configs/realtext.py:mini,table."""
+  """`preset` is a PRESETS name, optionally with ",table" (the drafts table of _table),
+  ",table_t1" (its follow-up, _table_t1) or ",table_ttt" (training-time test alone,
+  _table_ttt), e.g. configs/realtext.py:mini,table."""
   preset, _, option = preset.partition(",")
-  if preset not in PRESETS or option not in ("", "table", "table_t1"):
+  if preset not in PRESETS or (option and option not in TABLE_OPTIONS):
     raise ValueError(f"unknown preset {preset!r}{', option ' + repr(option) if option else ''}"
-                     f": expected one of {', '.join(PRESETS)}, optionally with ',table' or "
-                     "',table_t1'")
+                     f": expected one of {', '.join(PRESETS)}, optionally with "
+                     + " or ".join(f"',{o}'" for o in TABLE_OPTIONS))
   c = ml_collections.ConfigDict()
   c.preset = preset + ("," + option if option else "")
   c.mesh = ml_collections.ConfigDict({"shape": (1, 1, -1)})
@@ -298,8 +323,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.drafts = _drafts(300, 32, 1024, 5e-4, "bfloat16", eval_batches=16, eval_batch=8)
     c.regen = _regen(8000, 256, 64, dtype="bfloat16")
     c.eval = _eval(24, 24, 768, 128, 8, depth=6, top_k=10, total=60, min_prompt_bucket=768)
-  if option == "table":
-    _table(c)
-  elif option == "table_t1":
-    _table_t1(c)
+  if option:
+    TABLE_OPTIONS[option](c)
   return c

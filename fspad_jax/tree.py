@@ -135,7 +135,9 @@ def expand_candidates(frontier_scores: Array, child_tokens: Array, child_lp: Arr
       frontier_index=frontier_index,
       frontier_tokens=jnp.take_along_axis(tokens, frontier_index, axis=1),
       frontier_scores=frontier_scores_next,
-      frontier_parent_slots=frontier_index // top_k)
+      # Truncating division (the index is >= 0): `//` on signed ints adds a floor
+      # correction, a kernel of its own per level.
+      frontier_parent_slots=jax.lax.div(frontier_index, jnp.int32(top_k)))
 
 
 @flax.struct.dataclass

@@ -481,7 +481,7 @@ def test_draft_rows_refuse_bad_variants_in_one_line():
 
 def test_presets_load_and_build():
   for name in ("demo", "mini", "small", "ci", "mini,table", "small,table", "mini,table_t1",
-               "small,table_t1"):
+               "small,table_t1", "mini,table_ttt"):
     c = pipeline.load_preset(name)
     pipeline.draft_rows(c)  # every row's options are known keys
     assert c.pretrain.max_len == c.drafts.max_len  # prepared rows shared
@@ -492,6 +492,8 @@ def test_presets_load_and_build():
     assert cfg.rope.theta == 500000.0 and cfg.num_heads > cfg.num_kv_heads  # GQA
   with pytest.raises(ValueError, match="unknown preset"):
     pipeline.load_preset("huge")
+  with pytest.raises(ValueError, match="unknown preset 'mini', option 'tabel'"):
+    pipeline.load_preset("mini,tabel")
 
 
 def test_time_budget_stops_before_work_and_signals_the_trainer(finished, tmp_path):
