@@ -116,16 +116,14 @@ def load_draft_hot_ids(path: str, cfg: DraftConfig, target_cfg: ModelConfig):
 
 
 def _check_fit(cfg: DraftConfig, target_cfg: ModelConfig, method: str, path: str):
+  """The draft at `path` must be a kind `method` runs, with the target's widths, vocabulary
+  and layers: one line otherwise."""
+  from fspad_jax.draft_checkpoint import check_fits_target  # pylint: disable=import-outside-toplevel
   if cfg.kind not in METHOD_KINDS[method]:
     article = "an" if cfg.kind[0] in "aeiou" else "a"
     raise ConfigError(f"{path}: {article} {cfg.kind!r} draft, but decode.method={method!r} runs "
                       f"{' / '.join(METHOD_KINDS[method])} drafts")
-  if cfg.hidden_size != target_cfg.hidden_size:
-    raise ConfigError(f"{path}: draft hidden size {cfg.hidden_size} does not match the "
-                      f"target's {target_cfg.hidden_size}")
-  if cfg.vocab_size and cfg.vocab_size != target_cfg.vocab_size:
-    raise ConfigError(f"{path}: draft vocabulary {cfg.vocab_size} does not match the "
-                      f"target's {target_cfg.vocab_size}")
+  check_fits_target(cfg, target_cfg, path)
   check_feature_layers(cfg, target_cfg)
 
 

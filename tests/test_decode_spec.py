@@ -327,7 +327,7 @@ def test_sampling_compare_reports_speed_only(dirs, tmp_path):
 @pytest.mark.parametrize("method,draft,match", [
     ("fspad", "eagle_dir", r"an 'eagle' draft, but decode.method='fspad' runs fspad"),
     ("eagle", "workdir", r"a 'fspad' draft, but decode.method='eagle' runs eagle"),
-    ("fspad", "hidden_workdir", r"draft hidden size 32 does not match the target's 64"),
+    ("fspad", "hidden_workdir", r"hidden_size=32, but the target's is 64"),
     ("fspad", "vocab_dir", r"vocab_size=1000, but the target's is 512"),
     ("eagle", "", r"config key draft.path is not set"),
     ("fspad", "/no/such/draft", r"draft.path='/no/such/draft': no such directory"),
