@@ -282,24 +282,18 @@ class VanillaSlots(SlotDecoder):
   def _model(self, params) -> Transformer:
     return nnx.merge(self.graphdef, params)
 
-  def empty(self, cache_len: int) -> DecodeState:
-    """Every slot idle (done) with an empty cache of cache_len slots."""
-    def make():
-      def fn():
-        cache = constrain_cache(KVCache.create(self.cfg, self.batch, cache_len),
-                                self.mesh, self.rules)
-        b, m = self.batch, self.options.max_new_tokens
-        return DecodeState(jnp.int32(0), jnp.full((b, m), -1, jnp.int32), cache,
-                           jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool),
-                           jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.int32),
-                           row_keys(jnp.zeros((b,), jnp.int32)))
-      return jax.jit(fn)
-    return self._jit(("empty", cache_len), make)()
-
-  def grow(self, state: DecodeState, cache_len: int) -> DecodeState:
-    return state._replace(cache=grow_cache(state.cache, cache_len))
-
   # ---- slots.SlotDecoder hooks
+
+  def _empty(self, params, cache_len: int) -> DecodeState:
+    b, m = self.batch, self.options.max_new_tokens
+    return DecodeState(jnp.int32(0), jnp.full((b, m), -1, jnp.int32),
+                       KVCache.create(self.cfg, b, cache_len),
+                       jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool),
+                       jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.int32),
+                       row_keys(jnp.zeros((b,), jnp.int32)))
+
+  def _grow(self, state: DecodeState, cache_len: int) -> DecodeState:
+    return state._replace(cache=grow_cache(state.cache, cache_len))
 
   def _args(self):
     return self.params

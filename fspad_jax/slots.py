@@ -3,7 +3,9 @@ into the slots whose rows finished, without a host visit; and cache growth.
 
 A state is any pytree of arrays whose leaves carry the batch on axis 0, except KVCache
 buffers (batch on axis 1: [layers, batch, kv_heads, slots, head_dim]) and scalars (loop
-counters, kept from the running state)."""
+counters, kept from the running state). On a mesh, every slot function is jitted with
+explicit shardings (slot_shardings): rows split over the mesh's batch axes, caches in the
+target's cache layout (KV heads over `tensor`), scalars and host-read results replicated."""
 
 from __future__ import annotations
 
@@ -14,12 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from fspad_jax.model import KVCache
+from fspad_jax.sharding import LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated
 
 Array = jax.Array
 
 
 def _is_cache(x) -> bool:
   return isinstance(x, KVCache)
+
+
+def slot_shardings(tree, mesh, rules: ShardingRules):
+  """NamedShardings for a slot-state pytree (arrays or their eval_shape): KVCache buffers
+  in the `kv_cache` layout, other arrays split over `batch` on axis 0, scalars replicated.
+  A dimension the mesh axes do not divide is replicated (ShardingRules.spec)."""
+  def one(x):
+    if _is_cache(x):
+      kv = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], x.k.shape)
+      return x.replace(k=kv, v=kv, lengths=rules.sharding(
+          mesh, LOGICAL_LAYOUTS["batch_vector"], x.lengths.shape))
+    if not x.shape:
+      return replicated(mesh)
+    return rules.sharding(mesh, ("batch",) + (None,) * (len(x.shape) - 1), x.shape)
+  return jax.tree.map(one, tree, is_leaf=_is_cache)
 
 
 def grow_cache(cache: KVCache, max_len: int) -> KVCache:
@@ -147,30 +165,78 @@ class SlotDecoder(CompiledOnDemand):
   speculative.SpecSlots): a state of `batch` slots, each decoding one prompt; prefilled
   prompts wait in a Stage and take a slot on device the moment it frees.
 
-  Subclasses define the traceable hooks: _args() (the arrays every call takes: weights),
-  _init_rows(args, prompt, lengths, seeds, limits, cache_len) -> a state of prefilled rows,
-  _run_inner(args, state, steps, span) -> state after at most `steps` steps, leaving when a
-  row finishes (`.step`: the steps run), _results(state) -> (tokens [batch, n], num [batch],
-  ...) of each row, _lengths(state) -> [batch] cache lengths; and on the host
-  _finish(row) -> (token ids, finish code, accept lengths or None) of one results row.
-  Every call is jitted once per static shape, the slot state donated."""
+  Subclasses set `batch`, `mesh` (None: plain jit on the default device) and `rules`, and
+  define the traceable hooks: _args() (the arrays every call takes: weights),
+  _empty(args, cache_len) -> a state of idle slots, _grow(state, cache_len) -> the state
+  with longer caches, _init_rows(args, prompt, lengths, seeds, limits, cache_len) -> a
+  state of prefilled rows, _run_inner(args, state, steps, span) -> state after at most
+  `steps` steps, leaving when a row finishes (`.step`: the steps run), _results(state) ->
+  (tokens [batch, n], num [batch], ...) of each row, _lengths(state) -> [batch] cache
+  lengths; and on the host _finish(row) -> (token ids, finish code, accept lengths or
+  None) of one results row. Every call is jitted once per static shape with explicit
+  shardings (slot_shardings; the weights as they lie), the slot state donated."""
 
   batch: int
+  mesh: Any = None
+  rules: ShardingRules = ShardingRules()
+
+  def _placed_jit(self, fn, weights, inputs: tuple, host_outputs=(), donate_argnums=()):
+    """jax.jit(fn) for fn(weights, *inputs) (weights=None: fn(*inputs)) with explicit
+    shardings over self.mesh: the inputs as they lie (the weights as loaded; states as the
+    slot functions made them; host values as _place put them), the outputs as
+    slot_shardings gives them, except outputs whose index is in host_outputs ("all":
+    every output), replicated: results the host reads."""
+    if self.mesh is None:
+      return jax.jit(fn, donate_argnums=donate_argnums)
+    mesh, rules = self.mesh, self.rules
+    args = inputs if weights is None else (weights,) + tuple(inputs)
+    in_sh = jax.tree.map(lambda x: x.sharding, args)
+    out_sh = slot_shardings(jax.eval_shape(fn, *args), mesh, rules)
+    if host_outputs == "all":
+      out_sh = jax.tree.map(lambda _: replicated(mesh), out_sh)
+    elif host_outputs:
+      out_sh = tuple(jax.tree.map(lambda _: replicated(mesh), o) if i in host_outputs else o
+                     for i, o in enumerate(out_sh))
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh,
+                   donate_argnums=donate_argnums)
+
+  def _place(self, *host_values, replicate: bool = False):
+    """Host arrays (identical on every process) as device arrays, laid out as
+    slot_shardings says, or replicated; each process fills its own shards."""
+    if self.mesh is None:
+      return tuple(jnp.asarray(x) for x in host_values)
+    shapes = tuple(jax.ShapeDtypeStruct(np.shape(x), np.int32) for x in host_values)
+    shardings = (jax.tree.map(lambda _: replicated(self.mesh), shapes) if replicate
+                 else slot_shardings(shapes, self.mesh, self.rules))
+    return tuple(host_to_global(np.asarray(x), sh) for x, sh in zip(host_values, shardings))
+
+  def empty(self, cache_len: int):
+    """Every slot idle (done) with an empty cache of cache_len slots."""
+    args = self._args()
+    fn = self._jit(("empty", cache_len), lambda: self._placed_jit(
+        lambda a: self._empty(a, cache_len), args, ()))
+    return fn(args)
+
+  def grow(self, state, cache_len: int):
+    """The state with every cache grown to cache_len slots (zeros appended)."""
+    fn = self._jit(("grow", self._cache_len(state), cache_len), lambda: self._placed_jit(
+        lambda s: self._grow(s, cache_len), None, (state,)))
+    return fn(state)
 
   def stage(self, prompt: np.ndarray, lengths: np.ndarray, seeds: np.ndarray,
             limits: np.ndarray, tickets: np.ndarray, count: int, cache_len: int) -> Stage:
     """Prefills prompts [n, padded] (right-padded; rows count.. are padding) in one call."""
     n, padded = prompt.shape
+    args = self._args()
+    inputs = self._place(*(np.asarray(x, np.int32) for x in
+                           (prompt, lengths, seeds, limits, tickets, count)))
 
-    def make():
-      def fn(args, prompt, lengths, seeds, limits, tickets, count):
-        return Stage(self._init_rows(args, prompt, lengths, seeds, limits, cache_len),
-                     tickets, count)
-      return jax.jit(fn)
-    fn = self._jit(("stage", n, padded, cache_len), make)
-    i32 = lambda x: jnp.asarray(x, jnp.int32)
-    return fn(self._args(), i32(prompt), i32(lengths), i32(seeds), i32(limits), i32(tickets),
-              jnp.int32(count))
+    def prefill(args, prompt, lengths, seeds, limits, tickets, count):
+      return Stage(self._init_rows(args, prompt, lengths, seeds, limits, cache_len),
+                   tickets, count)
+    fn = self._jit(("stage", n, padded, cache_len),
+                   lambda: self._placed_jit(prefill, args, inputs))
+    return fn(args, *inputs)
 
   def run(self, state, tickets: Array, stage: Stage, head: Array, budget: int, span: int,
           more_pending: bool):
@@ -179,21 +245,24 @@ class SlotDecoder(CompiledOnDemand):
     out_tickets' [tickets, slots, num] per out row, then (head, evicted, steps); unpack it
     with read_report after one transfer."""
     size = stage.tickets.shape[0]
+    args = self._args()
+    if isinstance(head, (int, np.integer)):  # the host's start of a new stage
+      head, = self._place(np.int32(head))
+    budget, more = self._place(np.int32(budget), np.int32(more_pending))
 
-    def make():
-      def fn(args, state, tickets, stage, head, budget, more):
-        state, tickets, head, out, out_tickets, evicted, steps = run_with_refills(
-            state, tickets, stage, head, budget, more,
-            lambda s, k: self._run_inner(args, s, k, span), lambda s: s.done, self._results)
-        i32 = lambda x: x.astype(jnp.int32)
-        report = jnp.concatenate([
-            i32(state.done), i32(self._results(state)[1]), i32(self._lengths(state)), tickets,
-            out_tickets[:, 0], out_tickets[:, 1], i32(out[1]), jnp.stack([head, evicted, steps])])
-        return state, tickets, head, out, report
-      return jax.jit(fn, donate_argnums=(1, 2))
-    fn = self._jit(("run", span, self._cache_len(state), size), make)
-    return fn(self._args(), state, tickets, stage, head, jnp.int32(budget),
-              jnp.bool_(more_pending))
+    def visit(args, state, tickets, stage, head, budget, more):
+      state, tickets, head, out, out_tickets, evicted, steps = run_with_refills(
+          state, tickets, stage, head, budget, more.astype(bool),
+          lambda s, k: self._run_inner(args, s, k, span), lambda s: s.done, self._results)
+      i32 = lambda x: x.astype(jnp.int32)
+      report = jnp.concatenate([
+          i32(state.done), i32(self._results(state)[1]), i32(self._lengths(state)), tickets,
+          out_tickets[:, 0], out_tickets[:, 1], i32(out[1]), jnp.stack([head, evicted, steps])])
+      return state, tickets, head, out, report
+    inputs = (state, tickets, stage, head, budget, more)
+    fn = self._jit(("run", span, self._cache_len(state), size), lambda: self._placed_jit(
+        visit, args, inputs, host_outputs=(2, 4), donate_argnums=(1, 2)))
+    return fn(args, *inputs)
 
   def read_report(self, report, size: int) -> dict:
     """The host copy of a run's report, unpacked into named numpy vectors."""
@@ -209,17 +278,18 @@ class SlotDecoder(CompiledOnDemand):
     """The results of the given rows only, by index into [out rows..., slots...] (slot i is
     row len(out) + i): one jitted gather, one transfer; each as _finish gives it."""
     n = len(rows)
-    padded = pad_pow2(rows)
+    idx, = self._place(np.asarray(pad_pow2(rows), np.int32), replicate=True)
 
-    def make():
-      def fn(out, state, idx):
-        both = jax.tree.map(lambda o, r: jnp.concatenate([o, r]), out, self._results(state))
-        return jax.tree.map(lambda x: x[idx], both)
-      return jax.jit(fn)
-    fn = self._jit(("read", len(padded), jax.tree.structure(out), self._cache_len(state)), make)
-    got = jax.device_get(fn(out, state, jnp.asarray(padded, jnp.int32)))
+    def gather(out, state, idx):
+      both = jax.tree.map(lambda o, r: jnp.concatenate([o, r]), out, self._results(state))
+      return jax.tree.map(lambda x: x[idx], both)
+    out_rows = jax.tree.leaves(out)[0].shape[0]
+    fn = self._jit(("read", idx.shape[0], out_rows, jax.tree.structure(out),
+                    self._cache_len(state)),
+                   lambda: self._placed_jit(gather, None, (out, state, idx), host_outputs="all"))
+    got = jax.device_get(fn(out, state, idx))
     return [self._finish([np.asarray(x)[k] for x in got]) for k in range(n)]
 
   def empty_tickets(self) -> Array:
     """[batch] int32 -1: no slot has held a prompt."""
-    return jnp.full((self.batch,), -1, jnp.int32)
+    return self._place(np.full((self.batch,), -1, np.int32))[0]

@@ -462,6 +462,7 @@ class SpecSlots(SlotDecoder):
   def __init__(self, generator: SpeculativeGenerator, options: SpecOptions, batch: int):
     super().__init__()
     self.gen, self.options, self.batch = generator, options, batch
+    self.mesh, self.rules = generator.mesh, generator.rules
     self.steps_per_token = options.depth + 1  # cache slots one step may add to a row
     self.reserve = options.tree_size  # slots a step needs beyond a row's length
     self.cfg = nnx.merge(generator.target_graphdef, generator.target_params).cfg
@@ -477,29 +478,23 @@ class SpecSlots(SlotDecoder):
     return init_state(draft, target, prompt, lengths, row_keys(seeds), self._options(cache_len),
                       vocab, limits)
 
-  def empty(self, cache_len: int) -> SpecState:
-    """Every slot idle (done), from a dummy one-token prefill of each row."""
-    def make():
-      def fn(tp, dp, vocab):
-        b = self.batch
-        state = self._init(tp, dp, vocab, jnp.zeros((b, 1), jnp.int32),
-                           jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
-                           jnp.ones((b,), jnp.int32), cache_len)
-        return state._replace(done=jnp.ones((b,), bool),
-                              target_cache=state.target_cache.replace(
-                                  lengths=jnp.zeros((b,), jnp.int32)))
-      return jax.jit(fn)
-    return self._jit(("empty", cache_len), make)(*self._args())
+  # ---- slots.SlotDecoder hooks
 
-  def grow(self, state: SpecState, cache_len: int) -> SpecState:
+  def _empty(self, args, cache_len: int) -> SpecState:
+    """Every slot idle (done), from a dummy one-token prefill of each row."""
+    b = self.batch
+    state = self._init(*args, jnp.zeros((b, 1), jnp.int32), jnp.ones((b,), jnp.int32),
+                       jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.int32), cache_len)
+    return state._replace(done=jnp.ones((b,), bool), target_cache=state.target_cache.replace(
+        lengths=jnp.zeros((b,), jnp.int32)))
+
+  def _grow(self, state: SpecState, cache_len: int) -> SpecState:
     """Both caches grown by the same number of slots (the draft's scratch area moves to its
     new end; it is rewritten by every step)."""
     extra = cache_len - state.target_cache.max_len
     return state._replace(target_cache=grow_cache(state.target_cache, cache_len),
                           draft_cache=grow_cache(state.draft_cache,
                                                  state.draft_cache.max_len + extra))
-
-  # ---- slots.SlotDecoder hooks
 
   def _args(self):
     return self.gen.target_params, self.gen.draft_params, self.gen.vocab

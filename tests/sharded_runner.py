@@ -1,4 +1,5 @@
-"""Runs the target on given meshes and saves logits + greedy tokens (for the sharding tests).
+"""Runs the target on given meshes and saves logits + greedy tokens (for the sharding tests),
+and with --continuous_mesh M --draft_dir D the continuous-batching tokens on mesh M.
 
 Launched as a subprocess so it can set its own simulated device count before JAX starts:
   python tests/sharded_runner.py --model_dir D --out F.npz --devices 8 --meshes 8,1,1 1,8,1
@@ -18,6 +19,9 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--devices", type=int, default=8)
   ap.add_argument("--meshes", nargs="+", required=True)
+  ap.add_argument("--draft_dir", default="")
+  ap.add_argument("--continuous_mesh", default="",
+                  help="with --draft_dir: also decode continuously on this mesh (sharding_case)")
   ap.add_argument("--num_processes", type=int, default=1)
   ap.add_argument("--process_id", type=int, default=0)
   ap.add_argument("--coordinator", default=None)
@@ -31,7 +35,7 @@ def main():
                                num_processes=args.num_processes, process_id=args.process_id)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import numpy as np
-  from sharding_case import run_case
+  from sharding_case import continuous_case, run_case
 
   results = {}
   for m in args.meshes:
@@ -39,6 +43,10 @@ def main():
     logits, tokens = run_case(args.model_dir, shape)
     results[f"logits_{m}"] = logits
     results[f"tokens_{m}"] = tokens
+  if args.continuous_mesh:
+    shape = tuple(int(x) for x in args.continuous_mesh.split(","))
+    for key, value in continuous_case(args.model_dir, shape, args.draft_dir).items():
+      results[f"continuous_{key}"] = np.asarray(value)
   if jax.process_index() == 0:
     np.savez(args.out, **results)
   print("devices", jax.device_count(), "processes", jax.process_count(), "ok", flush=True)

@@ -8,13 +8,18 @@ import jax
 import numpy as np
 import pytest
 
+from flax import nnx
+
+from fspad_jax.draft import draft_config_from_target, init_draft
+from fspad_jax.draft_checkpoint import save_draft
 from fspad_jax.sharding import ShardingError, ShardingRules, make_mesh
 from fspad_jax.tiny_checkpoint import make_tiny_checkpoint, tiny_config
 from process_group import ProcessGroup
-from sharding_case import run_case
+from sharding_case import continuous_case, run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2"]
+CONTINUOUS_MESH = "2,2,2"  # continuous batching (the decode.py path): every axis at once
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +30,21 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_device(model_dir):
-  return run_case(model_dir, (1, 1, 1), devices=jax.devices()[:1])
+def draft_dir(model_dir, tmp_path_factory):
+  """A random EAGLE-layout eagle draft for the target."""
+  from fspad_jax.hf_checkpoint import load_target
+  cfg, _, _ = load_target(model_dir, make_mesh((1, 1, 1), jax.devices()[:1]))
+  dcfg = draft_config_from_target(cfg, "eagle")
+  path = str(tmp_path_factory.mktemp("shard_draft"))
+  save_draft(path, dcfg, nnx.state(init_draft(dcfg, seed=2)))
+  return path
+
+
+@pytest.fixture(scope="module")
+def single_device(model_dir, draft_dir):
+  one = jax.devices()[:1]
+  return (*run_case(model_dir, (1, 1, 1), devices=one),
+          continuous_case(model_dir, (1, 1, 1), draft_dir, devices=one))
 
 
 def _env():
@@ -37,31 +55,40 @@ def _env():
 
 
 def _check(results, single_device):
-  ref_logits, ref_tokens = single_device
+  ref_logits, ref_tokens, ref_continuous = single_device
   for m in MESHES:
     np.testing.assert_allclose(results[f"logits_{m}"], ref_logits, atol=1e-5, err_msg=m)
     np.testing.assert_array_equal(results[f"tokens_{m}"], ref_tokens, err_msg=m)
+  # Continuous batching: the same tokens, vanilla and speculative, with the slot state's KV
+  # cache split over every mesh axis (batch over data x fsdp, KV heads over tensor).
+  for method in ("vanilla", "eagle"):
+    np.testing.assert_array_equal(results[f"continuous_{method}"], ref_continuous["vanilla"],
+                                  err_msg=method)
+  spec = str(results["continuous_cache_spec"])
+  assert spec == "P(None, ('data', 'fsdp'), 'tensor', None, None)", spec
 
 
-def test_eight_simulated_devices_match_one(model_dir, single_device, tmp_path):
+def test_eight_simulated_devices_match_one(model_dir, draft_dir, single_device, tmp_path):
   out = tmp_path / "r.npz"
   subprocess.run([sys.executable, os.path.join(HERE, "sharded_runner.py"),
                   "--model_dir", model_dir, "--out", str(out), "--devices", "8",
-                  "--meshes", *MESHES], check=True, env=_env(), timeout=600)
+                  "--meshes", *MESHES, "--continuous_mesh", CONTINUOUS_MESH,
+                  "--draft_dir", draft_dir], check=True, env=_env(), timeout=900)
   _check(np.load(out), single_device)
 
 
-def test_two_processes_match_one(model_dir, single_device, tmp_path):
+def test_two_processes_match_one(model_dir, draft_dir, single_device, tmp_path):
   out = tmp_path / "mp.npz"
 
   def commands(port, attempt):
     return [[sys.executable, os.path.join(HERE, "sharded_runner.py"), "--model_dir", model_dir,
              "--out", str(out), "--devices", "4", "--num_processes", "2", "--process_id",
-             str(i), "--coordinator", f"localhost:{port}", "--meshes", *MESHES]
+             str(i), "--coordinator", f"localhost:{port}", "--meshes", *MESHES,
+             "--continuous_mesh", CONTINUOUS_MESH, "--draft_dir", draft_dir]
             for i in range(2)]
 
   group = ProcessGroup(commands, tmp_path, "mp", _env()).start()
-  logs = group.wait(timeout=600)
+  logs = group.wait(timeout=900)
   for code, log in zip(group.returncodes, logs):
     assert code == 0, log[-3000:]
     assert "devices 8 processes 2 ok" in log, log[-3000:]
