@@ -2,14 +2,18 @@
 
 Builds a target of the chosen shape with random weights, an FSPAD (or other) draft head,
 and random token batches (no dataset), then times the jitted train step of
-fspad_jax.train_lib after warm-up, and the target's part alone (forward + LM head + soft
-targets, as the step computes them). Prints one JSON record.
+fspad_jax.train_lib after warm-up, the target's part alone (forward + LM head + soft
+targets, as the step computes them), and one batch of the validation agreement pass
+(train_lib.make_agreement_fn: top-1/top-3 at draft depths 1..--eval_depths, own features
+fed back). Prints one JSON record.
 
   # lent GPU(s), Llama-3-8B shapes (random bf16 weights), 2048-token rows, FSDP over all
   # local devices (configs/llama3_8b.py:gpu8's mesh), 2 rows per device:
   python benchmarks/train_bench.py --shape=llama3_8b
   # CPU, small shape (float32; < 1 minute on 2 cores):
   python benchmarks/train_bench.py
+  # CPU, the real-text `mini` preset's shapes (d=256, 4 layers, vocab 8,192, 4 x 384 rows):
+  python benchmarks/train_bench.py --shape=mini
 
 MFU = train_lib.flops_per_step / step time / (peak FLOP/s x devices). Peak FLOP/s: on
 accelerators the dense bf16 peak of the device kind (trainer.PEAK_FLOPS); on CPU it is
@@ -53,9 +57,13 @@ SHAPES = {
     "small": lambda: ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408,
                                  num_layers=6, num_heads=8, num_kv_heads=4, head_dim=64,
                                  rope=RopeConfig(theta=500000.0), dtype="float32"),
+    # configs/realtext.py:mini's target (its tokenizer's 8,192 ids) and draft rows.
+    "mini": lambda: ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=896,
+                                num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                                rope=RopeConfig(theta=500000.0), dtype="float32"),
     "tiny": decode_bench.SHAPES["tiny"],
 }
-DEFAULT_SEQ = {"llama3_8b": 2048, "small": 128, "tiny": 64}
+DEFAULT_SEQ = {"llama3_8b": 2048, "small": 128, "mini": 384, "tiny": 64}
 
 
 def measured_cpu_peak_flops(n=2048, iters=5) -> float:
@@ -112,6 +120,8 @@ def main():
   ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (-1: the rest)")
   ap.add_argument("--dtype", default=None, help="target dtype override (e.g. bfloat16)")
   ap.add_argument("--draft_dtype", default=None, help="draft compute dtype (default: target's)")
+  ap.add_argument("--eval_depths", type=int, default=5,
+                  help="draft depths of the agreement pass (0: do not time it)")
   ap.add_argument("--iters", type=int, default=5)
   args = ap.parse_args()
 
@@ -169,6 +179,13 @@ def main():
   compile_s = time.perf_counter() - t_compile
   step_s = timeit(run_step, warmup=1, iters=args.iters)
   target_s = timeit(run_target, warmup=1, iters=args.iters)
+  eval_s = None
+  if args.eval_depths:  # one validation batch: the global batch's rows, no micro-batch axis
+    agreement_fn = train_lib.make_agreement_fn(setup, depths=args.eval_depths)
+    eval_batch = {k: host_to_global(v[0], setup.batch_sharding(v.ndim - 1))
+                  for k, v in random_batch(cfg.vocab_size, batch_rows, seq, 1, seed=1).items()}
+    eval_s = timeit(lambda: agreement_fn(holder["state"].params, target_params, eval_batch),
+                    warmup=1, iters=args.iters)
 
   tokens = batch_rows * seq
   flops = train_lib.flops_per_step(cfg, dcfg, tokens, seq)
@@ -185,6 +202,8 @@ def main():
       "target_forward_ms": round(target_s * 1e3, 2),
       "draft_and_update_ms": round((step_s - target_s) * 1e3, 2),
       "target_forward_fraction": round(target_s / step_s, 3),
+      "eval_depths": args.eval_depths,
+      "agreement_eval_ms": None if eval_s is None else round(eval_s * 1e3, 2),
       "flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4),
       "peak_tflops_per_device": round(peak / 1e12, 4), "peak_flops_source": peak_source,
       "mfu": round(flops / step_s / (peak * jax.device_count()), 4) if peak else None,

@@ -260,8 +260,10 @@ def _table_ttt(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   training but its own at inference, so its agreement falls with depth; FSPAD's noised
   features already train it for that. Rows: eagle and fspad with ttt_steps 1 and 3, eagle
   with a second seed for each (run-to-run noise); same ShareGPT data, steps and seeds.
-  Agreement is measured on the first 16 validation batches (64 rows), not 2: the whole
-  374-row split costs ~25 min per draft on 2 CPU cores (the 5-pass agreement forward)."""
+  Agreement is measured on the first 16 validation batches (64 rows), not 2, as in
+  benchmarks/RESULTS.md's table (the whole 374-row split then cost ~25 min per draft on 2
+  CPU cores; since the agreement pass's top-k fix a 4-row batch takes ~1.1 s instead of
+  ~15 s, `python benchmarks/train_bench.py --shape=mini`)."""
   ttt = {"ttt_steps": ttt_steps}
   c.drafts.kinds = ("eagle", "fspad")
   c.drafts.train.eval_batches = 16

@@ -210,7 +210,10 @@ def token_terms(draft: Draft, target: Transformer, predict: Array, tgt: TargetOu
   logp = jax.nn.log_softmax(logits, axis=-1)
   cls = -jnp.sum(probs * logp, axis=-1)  # [batch, seq]
   proposals = logits if ids is None or draft.cfg.own_head or hot_loss else hot
-  top3 = jax.lax.top_k(proposals, 3)[1]  # [batch, seq, 3]
+  # The barrier: without it top3[..., 0] becomes a second slice of the sort that top_k
+  # decomposes into, and XLA then sorts each whole row instead of running its TopK kernel
+  # (the agreement eval was 12x slower on CPU; tests/test_sampling.py).
+  top3 = jax.lax.optimization_barrier(jax.lax.top_k(proposals, 3)[1])  # [batch, seq, 3]
   top3 = top3 if ids is None else jnp.take(ids, top3)  # target ids
   top1 = (top3[..., 0] == tgt.next_token).astype(jnp.float32)
   return cls, top1, weights, top3

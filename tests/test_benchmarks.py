@@ -32,8 +32,9 @@ CASES = {
         ["timing_s", "vanilla_step_ms", "fixed_6_10_60_expected_tau"], 1),
     "train_bench.py": (
         ["--shape=tiny", "--iters", "2"],
-        ["step_ms", "target_tokens_per_s", "target_forward_ms", "achieved_tflops", "mfu",
-         "peak_memory_GB"], 1),
+        ["step_ms", "target_tokens_per_s", "target_forward_ms", "agreement_eval_ms",
+         "achieved_tflops", "mfu", "peak_memory_GB"], 1),
+    "sampling_bench.py": (["--shape", "2,3,64", "--iters", "1"], ["ms_per_call"], 3),
 }
 
 
@@ -64,11 +65,14 @@ def test_benchmark_script_runs(script):
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert len(records) == num_records, proc.stdout[-2000:]
   for record in records:
-    assert record["shape"] == "tiny" and record["backend"] == "cpu"
+    assert record["shape"] == ([2, 3, 64] if script == "sampling_bench.py" else "tiny")
+    assert record["backend"] == "cpu"
     for field in fields:
       value = record[field]
       assert isinstance(value, (int, float)) and math.isfinite(value), (field, value)
       assert value > 0, (field, value)
+    if script == "sampling_bench.py" and record["setting"] == "t0.8_topk20":
+      assert record["sorts"] == 0 and record["topk_kernels"] >= 1, record  # not a row sort
     if script == "spec_bench.py":  # differences of two timings: finite (tiny shapes are noisy)
       for field in ("vanilla_loop_ms_per_token", "breakeven_tau",
                     "device_commit_and_bookkeeping_ms", "commit_and_bookkeeping_ms"):
