@@ -78,9 +78,9 @@ def constrain_cache(cache: KVCache, mesh, rules: ShardingRules) -> KVCache:
   """Pins the cache's sharding inside jit (batch over data/fsdp, kv heads over tensor)."""
   if mesh is None:
     return cache
-  s = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], cache.k.shape)
-  c = lambda x: jax.lax.with_sharding_constraint(x, s)
-  return cache.replace(k=c(cache.k), v=c(cache.v))
+  s = cache.shardings(mesh, rules)
+  c = jax.lax.with_sharding_constraint
+  return cache.replace(k=c(cache.k, s.k), v=c(cache.v, s.v))
 
 
 class DecodeState(NamedTuple):

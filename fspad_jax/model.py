@@ -112,6 +112,15 @@ class KVCache:
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                lengths=jnp.zeros((batch,), jnp.int32))
 
+  def shardings(self, mesh, rules) -> "KVCache":
+    """This cache's NamedShardings (its leaves may be arrays or eval_shape's structs): K/V
+    in the `kv_cache` layout (rows over the batch axes, KV heads over `tensor`), lengths
+    over the batch axes; a dimension the mesh axes do not divide is replicated. The one
+    cache layout of target forwards, decode loops and continuous batching's slots."""
+    kv = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], self.k.shape)
+    return self.replace(k=kv, v=kv, lengths=rules.sharding(
+        mesh, LOGICAL_LAYOUTS["batch_vector"], self.lengths.shape))
+
 
 def move_slots(cache: KVCache, src: Array, dst: Array, lengths: Array) -> KVCache:
   """Copies every layer's K/V from slots src to slots dst ([batch, n] each; a dst out of

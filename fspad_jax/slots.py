@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fspad_jax.model import KVCache
-from fspad_jax.sharding import LOGICAL_LAYOUTS, ShardingRules, host_to_global, replicated
+from fspad_jax.sharding import ShardingRules, host_to_global, replicated
 
 Array = jax.Array
 
@@ -31,9 +31,7 @@ def slot_shardings(tree, mesh, rules: ShardingRules):
   A dimension the mesh axes do not divide is replicated (ShardingRules.spec)."""
   def one(x):
     if _is_cache(x):
-      kv = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], x.k.shape)
-      return x.replace(k=kv, v=kv, lengths=rules.sharding(
-          mesh, LOGICAL_LAYOUTS["batch_vector"], x.lengths.shape))
+      return x.shardings(mesh, rules)
     if not x.shape:
       return replicated(mesh)
     return rules.sharding(mesh, ("batch",) + (None,) * (len(x.shape) - 1), x.shape)
@@ -205,7 +203,7 @@ class SlotDecoder(CompiledOnDemand):
     slot_shardings says, or replicated; each process fills its own shards."""
     if self.mesh is None:
       return tuple(jnp.asarray(x) for x in host_values)
-    shapes = tuple(jax.ShapeDtypeStruct(np.shape(x), np.int32) for x in host_values)
+    shapes = tuple(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in host_values)
     shardings = (jax.tree.map(lambda _: replicated(self.mesh), shapes) if replicate
                  else slot_shardings(shapes, self.mesh, self.rules))
     return tuple(host_to_global(np.asarray(x), sh) for x, sh in zip(host_values, shardings))
@@ -248,11 +246,11 @@ class SlotDecoder(CompiledOnDemand):
     args = self._args()
     if isinstance(head, (int, np.integer)):  # the host's start of a new stage
       head, = self._place(np.int32(head))
-    budget, more = self._place(np.int32(budget), np.int32(more_pending))
+    budget, more = self._place(np.int32(budget), np.bool_(more_pending))
 
     def visit(args, state, tickets, stage, head, budget, more):
       state, tickets, head, out, out_tickets, evicted, steps = run_with_refills(
-          state, tickets, stage, head, budget, more.astype(bool),
+          state, tickets, stage, head, budget, more,
           lambda s, k: self._run_inner(args, s, k, span), lambda s: s.done, self._results)
       i32 = lambda x: x.astype(jnp.int32)
       report = jnp.concatenate([

@@ -42,9 +42,8 @@ class Target:
     return self.rules.sharding(self.mesh, LOGICAL_LAYOUTS[layout], shape)
 
   def cache_shardings(self, batch: int, max_len: int) -> KVCache:
-    kv = self.sharding("kv_cache", (self.cfg.num_layers, batch, self.cfg.num_kv_heads, max_len,
-                                    self.cfg.head_dim))
-    return KVCache(k=kv, v=kv, lengths=self.sharding("batch_vector", (batch,)))
+    shapes = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, max_len))
+    return shapes.shardings(self.mesh, self.rules)
 
   def new_cache(self, batch: int, max_len: int) -> KVCache:
     """An empty cache, allocated directly in its sharded layout."""
