@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_bench import timeit  # noqa: E402
+from step_ops import audit_hlo  # noqa: E402
 
 from fspad_jax.sampling import SamplingParams, processed_probs  # noqa: E402
 
@@ -46,14 +47,12 @@ def main(argv=None):
     for name in args.settings:
       params = SETTINGS[name]
       fn = jax.jit(lambda x, p=params: processed_probs(x, p))
-      hlo = fn.lower(logits).compile().as_text()
+      audit = audit_hlo(fn.lower(logits).compile().as_text())
       record = {
           "shape": list(shape), "setting": name,
           "ms_per_call": round(timeit(fn, logits, warmup=1, iters=args.iters) * 1e3, 3),
           # sorts in the compiled call: top-p needs one per row; top-k should need none
-          "sorts": hlo.count(" sort("),
-          "topk_kernels": sum("custom-call(" in line and "TopK" in line
-                              for line in hlo.splitlines()),
+          "sorts": audit["sorts"], "topk_kernels": audit["custom_calls"].get("TopK", 0),
           "iters": args.iters, "device": jax.devices()[0].device_kind,
           "backend": jax.default_backend(), "jax": jax.__version__,
           "python": platform.python_version(), "cpu_count": os.cpu_count()}
