@@ -9,6 +9,8 @@
       # its follow-up (_table_t1): data regenerated at T=1, fusion fc started at the identity
   python -m fspad_jax.pipeline --config=configs/realtext.py:mini,table_ttt --workdir=runs/mini
       # training-time test alone (_table_ttt): eagle and fspad with ttt 1 / 3, two seeds
+  python -m fspad_jax.pipeline --config=configs/realtext.py:mini,table_long --workdir=runs/mini
+      # the t1 rows that decide issue 10's goal, 4x the draft steps and regenerated data
   python -m fspad_jax.pipeline --config=configs/realtext.py:small --workdir=runs/small \
       --max_minutes=9                 # on one H100; rerun the same command to resume
 
@@ -276,13 +278,43 @@ def _table_ttt(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   c.eval.datasets = ("mtbench",)
 
 
-TABLE_OPTIONS = {"table": _table, "table_t1": _table_t1, "table_ttt": _table_ttt}
+def _table_long(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
+  """The `,table_long` option (issue 10): the `,table_t1` rows that decide its goal, trained
+  4x longer (320 draft steps) on 4x the regenerated data (1,600 conversations sampled at
+  T=1), to test whether EAGLE-3's changes pay only with more training (its own gains come
+  from ~10^5 steps). Rows: fspad (two seeds), fspad on the regenerated data, the eagle3
+  reference, and fspad3 with the identity-started, slow fusion fc (two seeds); agreement
+  on 16 validation batches."""
+  ttt = {"ttt_steps": ttt_steps}
+  c.regen.temperature = 1.0
+  c.regen.conversations = 1600
+  c.drafts.train.steps = 320
+  c.drafts.train.warmup_steps = 32
+  c.drafts.train.log_every = c.drafts.train.checkpoint_every = 160
+  c.drafts.train.eval_every = 320
+  c.drafts.train.eval_batches = 16
+  c.drafts.kinds = ("fspad",)
+  slow = {**ttt, "fusion_init": "last", "fusion_lr_scale": 0.1}
+  c.drafts.variants = {
+      "fspad_seed1": {"kind": "fspad", "train": {"seed": 1}},
+      "fspad_regen": {"kind": "fspad", "data": "regen"},
+      "eagle3": {"kind": "eagle3", "data": "regen", "vocab_size": c.tokenizer.vocab_size // 4,
+                 "train": ttt},
+      "fspad3_slow": {"kind": "fspad3", "data": "regen", "train": slow},
+      "fspad3_slow_seed1": {"kind": "fspad3", "data": "regen", "train": {**slow, "seed": 1}},
+  }
+  c.eval.datasets = ("mtbench",)
+
+
+TABLE_OPTIONS = {"table": _table, "table_t1": _table_t1, "table_ttt": _table_ttt,
+                 "table_long": _table_long}
 
 
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   """`preset` is a PRESETS name, optionally with ",table" (the drafts table of _table),
-  ",table_t1" (its follow-up, _table_t1) or ",table_ttt" (training-time test alone,
-  _table_ttt), e.g. configs/realtext.py:mini,table."""
+  ",table_t1" (its follow-up, _table_t1), ",table_ttt" (training-time test alone,
+  _table_ttt) or ",table_long" (4x longer training, _table_long), e.g.
+  configs/realtext.py:mini,table."""
   preset, _, option = preset.partition(",")
   if preset not in PRESETS or (option and option not in TABLE_OPTIONS):
     raise ValueError(f"unknown preset {preset!r}{', option ' + repr(option) if option else ''}"
