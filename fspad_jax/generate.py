@@ -80,7 +80,7 @@ def constrain_cache(cache: KVCache, mesh, rules: ShardingRules) -> KVCache:
     return cache
   s = cache.shardings(mesh, rules)
   c = jax.lax.with_sharding_constraint
-  return cache.replace(k=c(cache.k, s.k), v=c(cache.v, s.v))
+  return cache.replace(kv=c(cache.kv, s.kv))
 
 
 class DecodeState(NamedTuple):

@@ -89,45 +89,44 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 @flax.struct.dataclass
 class KVCache:
-  """Static-size KV cache of every layer in one buffer, so that moving slots (committing an
-  accepted path) is one gather and one scatter for all layers together.
+  """Static-size KV cache of every layer, keys and values in one buffer, so that a forward
+  writes a layer's new K and V with one update, and moving slots (committing an accepted
+  path) is one gather and one scatter for all layers together.
 
   Slot s of row b holds the token at position s of that row; slots < lengths[b] are the
   committed prefix, slots beyond it are scratch that a forward may write (a draft tree)."""
 
-  k: Array  # [layers, batch, kv_heads, max_len, head_dim]
-  v: Array  # [layers, batch, kv_heads, max_len, head_dim]
+  kv: Array  # [layers, batch, 2, kv_heads, max_len, head_dim]: K at [:, :, 0], V at [:, :, 1]
   lengths: Array  # [batch] int32: number of committed tokens per row
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[3]
+    return self.kv.shape[4]
 
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
     dtype = dtype or cfg.dtype
-    # Heads before slots: attention reads a layer as [batch, kv_heads, slots, head_dim], the
-    # operand layout its batched matmuls take without a transposed copy of the cache.
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch,), jnp.int32))
+    # Heads before slots: attention reads a layer's keys (values) as [batch, kv_heads, slots,
+    # head_dim], the operand layout its batched matmuls take without a transposed copy.
+    shape = (cfg.num_layers, batch, 2, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return cls(kv=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
   def shardings(self, mesh, rules) -> "KVCache":
     """This cache's NamedShardings (its leaves may be arrays or eval_shape's structs): K/V
     in the `kv_cache` layout (rows over the batch axes, KV heads over `tensor`), lengths
     over the batch axes; a dimension the mesh axes do not divide is replicated. The one
     cache layout of target forwards, decode loops and continuous batching's slots."""
-    kv = rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], self.k.shape)
-    return self.replace(k=kv, v=kv, lengths=rules.sharding(
+    return self.replace(kv=rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], self.kv.shape),
+                        lengths=rules.sharding(
         mesh, LOGICAL_LAYOUTS["batch_vector"], self.lengths.shape))
 
 
 def move_slots(cache: KVCache, src: Array, dst: Array, lengths: Array) -> KVCache:
   """Copies every layer's K/V from slots src to slots dst ([batch, n] each; a dst out of
-  range is dropped) and sets `lengths`: one gather and one scatter per buffer."""
+  range is dropped) and sets `lengths`: one gather and one scatter."""
   rows = jnp.arange(src.shape[0])[:, None]  # [batch, 1]
-  move = lambda c: c.at[:, rows, :, dst].set(c[:, rows, :, src], mode="drop")
-  return KVCache(k=move(cache.k), v=move(cache.v), lengths=lengths)
+  kv = cache.kv.at[:, rows, :, :, dst].set(cache.kv[:, rows, :, :, src], mode="drop")
+  return KVCache(kv=kv, lengths=lengths)
 
 
 class AttentionInputs(NamedTuple):
@@ -236,22 +235,23 @@ class Attention(nnx.Module):
     if cache is None:
       keys, values = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [batch, kv_heads, seq, head_dim]
     else:
-      rows = jnp.arange(batch)[:, None, None]  # [batch, 1, 1]
-      heads = jnp.arange(cfg.num_kv_heads)[None, None, :]  # [1, 1, kv_heads]
-      slots = att.write_slots[:, :, None]  # [batch, seq, 1]
-      # Write first (in place; out-of-range slots are dropped), then read the whole layer.
+      new = jnp.stack([k, v], axis=2).astype(cache.kv.dtype)  # [batch, seq, 2, kv_heads, hd]
+      # Write first (in place; out-of-range slots are dropped), then read the layer.
       if att.write_start is None:
-        write = lambda c, new: c.at[layer, rows, heads, slots].set(new.astype(c.dtype),
-                                                                   mode="drop")
+        rows = jnp.arange(batch)[:, None, None, None]  # [batch, 1, 1, 1]
+        pair = jnp.arange(2)[None, None, :, None]  # [1, 1, 2, 1]
+        heads = jnp.arange(cfg.num_kv_heads)[None, None, None, :]  # [1, 1, 1, kv_heads]
+        slots = att.write_slots[:, :, None, None]  # [batch, seq, 1, 1]
+        kv = cache.kv.at[layer, rows, pair, heads, slots].set(new, mode="drop")
       else:  # the same contiguous slots in every row: one slice update
-        write = lambda c, new: jax.lax.dynamic_update_slice(
-            c, new.swapaxes(1, 2)[None].astype(c.dtype), (layer, 0, 0, att.write_start, 0))
-      cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
+        kv = jax.lax.dynamic_update_slice(cache.kv, new.transpose(0, 2, 3, 1, 4)[None],
+                                          (layer, 0, 0, 0, att.write_start, 0))
+      cache = cache.replace(kv=kv)
       # Read only the attention span (the mask's width: the slots in use, see
       # make_attention_inputs); the whole layer when the span is the cache.
       span = att.mask.shape[-1]
-      keys = cache.k[layer, :, :, :span]  # [batch, kv_heads, span, head_dim]
-      values = cache.v[layer, :, :, :span]
+      keys = cache.kv[layer, :, 0, :, :span]  # [batch, kv_heads, span, head_dim]
+      values = cache.kv[layer, :, 1, :, :span]
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum("bskgh,bkth->bkgst", qg, keys.astype(q.dtype),

@@ -35,7 +35,7 @@ LOGICAL_LAYOUTS: dict[str, tuple[str | None, ...]] = {
     "act_hidden": ("batch", "seq", "act_embed"),
     "act_logits": ("batch", "seq", "act_vocab"),
     "act_heads": ("batch", "seq", "act_heads", "head_dim"),
-    "kv_cache": (None, "batch", "act_kv_heads", "cache_seq", "head_dim"),  # layers first
+    "kv_cache": (None, "batch", None, "act_kv_heads", "cache_seq", "head_dim"),  # [L,b,K|V,..]
     "batch_vector": ("batch",),
     # Draft heads (fspad_jax/draft.py): EAGLE's fc on [embedding; feature], stacked [2, d, d].
     "draft_fc_kernel": (None, "embed", None),

@@ -45,8 +45,7 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     raise ValueError(f"cannot shrink a cache of {cache.max_len} slots to {max_len}")
   if extra == 0:
     return cache
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))
-  return cache.replace(k=pad(cache.k), v=pad(cache.v))
+  return cache.replace(kv=jnp.pad(cache.kv, ((0, 0),) * 4 + ((0, extra), (0, 0))))
 
 
 class CompiledOnDemand:
@@ -95,8 +94,7 @@ def take_rows(state, rows, src: Array, take: Array):
 
   def put(big, small):
     if _is_cache(big):
-      return KVCache(k=big.k.at[:, dst].set(small.k[:, src], mode="drop"),
-                     v=big.v.at[:, dst].set(small.v[:, src], mode="drop"),
+      return KVCache(kv=big.kv.at[:, dst].set(small.kv[:, src], mode="drop"),
                      lengths=big.lengths.at[dst].set(small.lengths[src], mode="drop"))
     if jnp.ndim(big) == 0:
       return big

@@ -65,5 +65,5 @@ def continuous_case(model_dir: str, mesh_shape, draft_dir: str, devices=None) ->
     out[method] = got
     if method == "vanilla":
       state = engine.slot_decoder().empty(32)
-      out["cache_spec"] = str(state.cache.k.sharding.spec)
+      out["cache_spec"] = str(state.cache.kv.sharding.spec)
   return out

@@ -162,7 +162,7 @@ def test_bfloat16_runs_and_tracks_float32():
     draft = init_draft(cfg, seed=0)
     out = forward(*nnx.split(draft), feats.astype(dtype), embs.astype(dtype),
                   arange_positions(batch, seq), init_draft_cache(cfg, batch, MAX_LEN))
-    assert out.predict.dtype == out.regress.dtype == out.cache.k[0].dtype == jnp.dtype(dtype)
+    assert out.predict.dtype == out.regress.dtype == out.cache.kv[0].dtype == jnp.dtype(dtype)
     outs[dtype] = out
   bf16 = np.asarray(outs["bfloat16"].regress, np.float32)
   assert np.isfinite(bf16).all()

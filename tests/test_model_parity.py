@@ -162,7 +162,7 @@ def test_bf16_path_runs_and_tracks_float32(tmp_path, mesh):
     model = nnx.merge(graphdef, params)
     assert model.layers[0].attn.q_kernel[...].dtype == jnp.dtype(dtype)
     logits, feats, cache = model(tokens, _positions(2, 8), KVCache.create(cfg, 2, 8))
-    assert cache.k[0].dtype == jnp.dtype(dtype) and feats.dtype == jnp.dtype(dtype)
+    assert cache.kv[0].dtype == jnp.dtype(dtype) and feats.dtype == jnp.dtype(dtype)
     out[dtype] = np.asarray(logits, np.float32)
   assert np.isfinite(out["bfloat16"]).all()
   assert np.abs(out["bfloat16"] - out["float32"]).max() < 0.1

@@ -65,7 +65,7 @@ def _check(results, single_device):
     np.testing.assert_array_equal(results[f"continuous_{method}"], ref_continuous["vanilla"],
                                   err_msg=method)
   spec = str(results["continuous_cache_spec"])
-  assert spec == "P(None, ('data', 'fsdp'), 'tensor', None, None)", spec
+  assert spec == "P(None, ('data', 'fsdp'), None, 'tensor', None, None)", spec
 
 
 def test_eight_simulated_devices_match_one(model_dir, draft_dir, single_device, tmp_path):
