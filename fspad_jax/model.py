@@ -116,9 +116,9 @@ class KVCache:
     in the `kv_cache` layout (rows over the batch axes, KV heads over `tensor`), lengths
     over the batch axes; a dimension the mesh axes do not divide is replicated. The one
     cache layout of target forwards, decode loops and continuous batching's slots."""
-    return self.replace(kv=rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], self.kv.shape),
-                        lengths=rules.sharding(
-        mesh, LOGICAL_LAYOUTS["batch_vector"], self.lengths.shape))
+    return self.replace(
+        kv=rules.sharding(mesh, LOGICAL_LAYOUTS["kv_cache"], self.kv.shape),
+        lengths=rules.sharding(mesh, LOGICAL_LAYOUTS["batch_vector"], self.lengths.shape))
 
 
 def move_slots(cache: KVCache, src: Array, dst: Array, lengths: Array) -> KVCache:
