@@ -123,6 +123,14 @@ def _pretrain(steps: int, batch: int, max_len: int, lr: float, dtype: str
   })
 
 
+def _draft_schedule(steps: int) -> dict:
+  """The draft training keys that follow from its step count: warmup, logging, the
+  validation at the end and two checkpoints."""
+  return {"steps": steps, "warmup_steps": max(steps // 10, 1),
+          "log_every": max(steps // 2, 1), "eval_every": steps,  # validation at the end
+          "checkpoint_every": max(steps // 2, 1)}
+
+
 def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths: int = 5,
             eval_batches: int = 4, eval_batch: int = 0) -> ml_collections.ConfigDict:
   """Draft training (fspad_jax.trainer.train); identical for every kind."""
@@ -144,17 +152,15 @@ def _drafts(steps: int, batch: int, max_len: int, lr: float, dtype: str, depths:
       "max_len": max_len,  # = pretrain.max_len: the prepared rows are shared
       "val_fraction": 0.02,  # = pretrain.val_fraction, likewise
       "train": {
-          "steps": steps, "global_batch": batch, "grad_accum": 1, "learning_rate": lr,
-          "warmup_steps": max(steps // 10, 1), "decay": "linear", "b1": 0.9, "b2": 0.95,
+          **_draft_schedule(steps), "global_batch": batch, "grad_accum": 1,
+          "learning_rate": lr, "decay": "linear", "b1": 0.9, "b2": 0.95,
           "weight_decay": 0.0, "clip": "value", "clip_value": 0.5, "w_reg": 1.0,
           "w_cls": 0.1, "noise": 0.2, "seed": 0,
           "ttt_steps": 1, "ttt_weights": (),  # training-time test: 1 = teacher forcing
           "depths": depths,  # top-1/top-3 agreement at draft depths 1..depths
-          "log_every": max(steps // 2, 1), "eval_every": steps,  # validation at the end
           # The agreement pass attends over (depths + 1) x max_len cached slots: its scores
           # are eval_batch x heads x max_len x 6 max_len floats, hence a smaller batch.
           "eval_batch_size": eval_batch or batch, "eval_batches": eval_batches,
-          "checkpoint_every": max(steps // 2, 1),
           "keep_checkpoints": 2, "tensorboard": False, "peak_flops_per_device": 0.0},
   })
 
@@ -285,25 +291,12 @@ def _table_long(c: ml_collections.ConfigDict, ttt_steps: int = 3) -> None:
   from ~10^5 steps). Rows: fspad (two seeds), fspad on the regenerated data, the eagle3
   reference, and fspad3 with the identity-started, slow fusion fc (two seeds); agreement
   on 16 validation batches."""
-  ttt = {"ttt_steps": ttt_steps}
-  c.regen.temperature = 1.0
+  _table_t1(c, ttt_steps)
+  rows = ("fspad_seed1", "fspad_regen", "eagle3", "fspad3_slow", "fspad3_slow_seed1")
+  c.drafts.variants = {name: c.drafts.variants[name] for name in rows}
   c.regen.conversations = 1600
-  c.drafts.train.steps = 320
-  c.drafts.train.warmup_steps = 32
-  c.drafts.train.log_every = c.drafts.train.checkpoint_every = 160
-  c.drafts.train.eval_every = 320
+  c.drafts.train.update(_draft_schedule(320))
   c.drafts.train.eval_batches = 16
-  c.drafts.kinds = ("fspad",)
-  slow = {**ttt, "fusion_init": "last", "fusion_lr_scale": 0.1}
-  c.drafts.variants = {
-      "fspad_seed1": {"kind": "fspad", "train": {"seed": 1}},
-      "fspad_regen": {"kind": "fspad", "data": "regen"},
-      "eagle3": {"kind": "eagle3", "data": "regen", "vocab_size": c.tokenizer.vocab_size // 4,
-                 "train": ttt},
-      "fspad3_slow": {"kind": "fspad3", "data": "regen", "train": slow},
-      "fspad3_slow_seed1": {"kind": "fspad3", "data": "regen", "train": {**slow, "seed": 1}},
-  }
-  c.eval.datasets = ("mtbench",)
 
 
 TABLE_OPTIONS = {"table": _table, "table_t1": _table_t1, "table_ttt": _table_ttt,
