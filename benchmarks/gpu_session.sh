@@ -29,7 +29,10 @@
 #       fspad seed) in runs/small_t1, reusing runs/small's data, tokenizer and target;
 #       PROJECTED ~30 min of device time: rerun to resume
 #
-# Expects, prepared on a machine with package registries (the GPU image lacks them):
+# Expects, prepared on a machine with package registries (the GPU image lacks them) by
+# `bash benchmarks/prepare_gpu_carry.sh` (wheels only: enough for step, tree_auto, batching)
+# or `bash benchmarks/prepare_gpu_carry.sh small` (also the small preset's data), no device
+# time spent; carry both folders in the `run` call:
 #   .whl/    wheels for Python 3.12: ml_collections, tensorflow-datasets (+ dm-tree,
 #            immutabledict, promise, simple-parsing, docstring-parser, tensorflow-metadata,
 #            googleapis-common-protos, termcolor, toml), grain, array-record, portpicker,

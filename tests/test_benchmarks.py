@@ -104,3 +104,12 @@ def test_step_ops_audit(tmp_path):
   assert spec["executed_ops"] == spec["ops"]  # a greedy step has no loop
   assert sum(report["speculative_by_source"]["speculative_step"].values()) > 0
   assert report["draft_pass"]["lm_head_rows"] == 128256
+
+
+@pytest.mark.parametrize("script", ["benchmarks/gpu_session.sh", "benchmarks/prepare_gpu_carry.sh",
+                                    "run_demo.sh", ".ci/run"])
+def test_shell_script_parses(script):
+  """The shell entry points parse (bash -n): the GPU session script and its preparation run
+  only where a GPU is lent, so a syntax error would otherwise surface there first."""
+  r = subprocess.run(["bash", "-n", os.path.join(REPO, script)], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
