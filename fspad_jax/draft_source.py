@@ -135,7 +135,10 @@ LEGACY_FS_KERNEL = ("feature_sampling", "gate_up_kernel")
 def stored_fs_kernel_shape(state_dir: str) -> tuple[int, ...] | None:
   """The shape of the FS gate/up kernel in an Orbax train state, None if it has none."""
   import orbax.checkpoint as ocp
-  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+  from etils import epath
+  # The handler reads the tree's own metadata; a Checkpointer would also look for the step's
+  # _CHECKPOINT_METADATA here (CheckpointManager writes it one level up) and log a warning.
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
   tree = getattr(meta, "item_metadata", None) or meta
   try:
     return tuple(tree["params"][LEGACY_FS_KERNEL[0]][LEGACY_FS_KERNEL[1]].shape)

@@ -418,3 +418,32 @@ def test_train_checkpoint_with_the_older_fs_kernel_layout_decodes(tmp_path):
   for (path, a), (_, b) in zip(sorted(nnx.to_flat_state(params)),
                                sorted(nnx.to_flat_state(loaded))):
     np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+
+
+def test_train_checkpoint_decodes_without_orbax_warnings(tmp_path, caplog):
+  """A draft in train.py's layout (a CheckpointManager step: state/, meta/ and the step's
+  _CHECKPOINT_METADATA one level above state/) loads for decoding without a warning: the
+  feature-sampling layout check reads the tree metadata through the handler (a Checkpointer
+  looked for _CHECKPOINT_METADATA inside state/ and logged 'Metadata file does not exist'
+  once per load)."""
+  import dataclasses as dc
+  import logging
+  import orbax.checkpoint as ocp
+  from fspad_jax.draft_source import load_draft_for_decode
+  cfg, graphdef, params = random_draft("fspad", seed=4)
+  manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+  manager.save(3, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": nnx.to_pure_dict(params)}),
+      meta=ocp.args.JsonSave({})))
+  manager.wait_until_finished()
+  manager.close()
+  with open(tmp_path / "draft_config.json", "w") as f:
+    json.dump(dc.asdict(cfg), f)
+  mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  with caplog.at_level(logging.WARNING):
+    _, _, loaded = load_draft_for_decode(str(tmp_path), TARGET, "fspad", mesh)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not [w for w in warnings if "Metadata file does not exist" in w], warnings
+  for (path, a), (_, b) in zip(sorted(nnx.to_flat_state(params)),
+                               sorted(nnx.to_flat_state(loaded))):
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
