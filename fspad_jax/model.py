@@ -238,11 +238,11 @@ class Attention(nnx.Module):
       new = jnp.stack([k, v], axis=2).astype(cache.kv.dtype)  # [batch, seq, 2, kv_heads, hd]
       # Write first (in place; out-of-range slots are dropped), then read the layer.
       if att.write_start is None:
-        rows = jnp.arange(batch)[:, None, None, None]  # [batch, 1, 1, 1]
-        pair = jnp.arange(2)[None, None, :, None]  # [1, 1, 2, 1]
-        heads = jnp.arange(cfg.num_kv_heads)[None, None, None, :]  # [1, 1, 1, kv_heads]
-        slots = att.write_slots[:, :, None, None]  # [batch, seq, 1, 1]
-        kv = cache.kv.at[layer, rows, pair, heads, slots].set(new, mode="drop")
+        # Rows and slots are the scatter's indices; K/V, heads and head_dim its window, so a
+        # cache split over KV heads (tensor) is written in place on each shard, with no
+        # all-gather of the new K/V or of the indices.
+        rows = jnp.arange(batch)[:, None]  # [batch, 1]
+        kv = cache.kv.at[layer, rows, :, :, att.write_slots].set(new, mode="drop")
       else:  # the same contiguous slots in every row: one slice update
         kv = jax.lax.dynamic_update_slice(cache.kv, new.transpose(0, 2, 3, 1, 4)[None],
                                           (layer, 0, 0, 0, att.write_start, 0))

@@ -35,7 +35,7 @@ def main():
                                num_processes=args.num_processes, process_id=args.process_id)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import numpy as np
-  from sharding_case import continuous_case, run_case
+  from sharding_case import continuous_case, forward_all_gathers, run_case
 
   results = {}
   for m in args.meshes:
@@ -43,6 +43,9 @@ def main():
     logits, tokens = run_case(args.model_dir, shape)
     results[f"logits_{m}"] = logits
     results[f"tokens_{m}"] = tokens
+    if jax.process_count() == 1:
+      results[f"forward_all_gathers_{m}"] = np.array(
+          [forward_all_gathers(args.model_dir, shape, seq) for seq in (1, 10)])
   if args.continuous_mesh:
     shape = tuple(int(x) for x in args.continuous_mesh.split(","))
     for key, value in continuous_case(args.model_dir, shape, args.draft_dir).items():

@@ -34,6 +34,21 @@ def run_case(model_dir: str, mesh_shape, devices=None):
   return to_host(logits), out.tokens
 
 
+def forward_all_gathers(model_dir: str, mesh_shape, seq: int, devices=None) -> int:
+  """All-gathers in the compiled target forward of a [BATCH, seq] block that writes its K/V
+  into a 16-slot cache (one decode token at seq=1): on a tensor-parallel mesh the only
+  collectives should be the all-reduces after attention and the MLP (and the embedding's)."""
+  import re
+  import jax
+  target = Target.from_pretrained(model_dir, mesh_shape=mesh_shape, devices=devices)
+  tok = jax.ShapeDtypeStruct((BATCH, seq), np.int32,
+                             sharding=target.sharding("act_tokens", (BATCH, seq)))
+  forward = target._compile_forward(BATCH, seq, 16, False, False)  # pylint: disable=W0212
+  text = forward.lower(target.params, tok, tok, target.new_cache(BATCH, 16), None,
+                       None).compile().as_text()
+  return len(re.findall(r"\ball-gather(?:-start)?\(", text))
+
+
 # 8 slots (divisible by every data x fsdp size of the 8-device meshes) for 12 prompts.
 SLOTS, CONTINUOUS_NEW, CONTINUOUS_PROMPTS = 8, 10, 12
 

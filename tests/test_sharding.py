@@ -19,6 +19,7 @@ from sharding_case import continuous_case, run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2"]
+TENSOR_MESH = "1,1,8"
 CONTINUOUS_MESH = "2,2,2"  # continuous batching (the decode.py path): every axis at once
 
 
@@ -74,7 +75,14 @@ def test_eight_simulated_devices_match_one(model_dir, draft_dir, single_device, 
                   "--model_dir", model_dir, "--out", str(out), "--devices", "8",
                   "--meshes", *MESHES, "--continuous_mesh", CONTINUOUS_MESH,
                   "--draft_dir", draft_dir], check=True, env=_env(), timeout=900)
-  _check(np.load(out), single_device)
+  results = np.load(out)
+  _check(results, single_device)
+  # Tensor parallelism: a forward that writes K/V (one decode token, a 10-token block)
+  # all-gathers nothing: the cache write is a scatter over (row, slot) indices with K/V,
+  # heads and head_dim as its window, so each shard writes its own KV heads. (With heads
+  # as an index of the scatter, the new K/V and the indices were all-gathered over
+  # `tensor` at every layer.)
+  np.testing.assert_array_equal(results[f"forward_all_gathers_{TENSOR_MESH}"], [0, 0])
 
 
 def test_two_processes_match_one(model_dir, draft_dir, single_device, tmp_path):
