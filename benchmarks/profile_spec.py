@@ -37,7 +37,8 @@ from fspad_jax.generate import GenerateOptions, VanillaGenerator  # noqa: E402
 from fspad_jax.sharding import make_mesh  # noqa: E402
 
 # CPU trace events that are bookkeeping or enclose other ops (counted once, via their parts).
-HOST_NOISE = ("ThreadpoolListener", "end: ", "ThunkExecutor", "while", "call", "conditional")
+HOST_NOISE = ("ThreadpoolListener", "end: ", "ThunkExecutor", "SlinkyThreadPool", "while", "call",
+              "conditional")
 
 
 def trace_events(trace_dir: str) -> list[dict]:
@@ -61,8 +62,9 @@ def kernel_events(events: list[dict]) -> tuple[list[dict], str]:
   device = [e for e in complete if procs.get(e["pid"], "").startswith("/device:")]
   if device:
     return device, "device kernels"
+  # XLA's worker threads and the PjRt client thread, which runs a program's ops itself when
+  # XLA executes them in order without the worker pool (small sequential programs).
   xla = [e for e in complete if "XLA" in threads.get((e["pid"], e.get("tid")), "")
-         and "XLAPjRt" not in threads.get((e["pid"], e.get("tid")), "")
          and not e["name"].startswith(HOST_NOISE)]
   return xla, "XLA ops on CPU threads"
 
